@@ -1,0 +1,361 @@
+"""The one accuracy metric of the project: forward KL divergence D(p_ref || p_est) on a grid of bins.
+
+Two standard grids (design.md, "One metric for PMF accuracy"):
+
+* alanine dipeptide: 100 x 100 bins on [-pi, pi)^2 in IUPAC/mdtraj (phi, psi), radians. 2-D arrays are
+  indexed ``[i_phi, j_psi]`` (phi along axis 0).
+* Mueller-Brown: 100 bins on s = x - y in [-2.5, 1.1] (nm), beta = 0.1 mol/kJ.
+
+``p_est`` comes either from a PMF (``exp(-A)`` at the bin centres, normalised over all bins) or from
+samples (histogram smoothed by a Gaussian of one bin width, periodic where the coordinate is, plus a
+floor of 1e-12, normalised). Bins with ``p_ref == 0`` are skipped. Energies/PMFs are in kT throughout.
+
+Only numpy is required; torch is used lazily when a PMF is a torch module (e.g. a loaded ``pmf.pt``).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from typing import Callable, Sequence, Union
+
+import numpy as np
+
+#: Number of bins per periodic dihedral axis of the standard torus grid.
+TORUS_BINS = 100
+#: Mueller-Brown CG grid: 100 bins on s = x - y in [-2.5, 1.1].
+MB_BINS = 100
+MB_RANGE = (-2.5, 1.1)
+#: Mueller-Brown inverse temperature, mol/kJ (kT = 10 kJ/mol).
+MB_BETA = 0.1
+#: Floor added to smoothed sample histograms before normalising.
+HISTOGRAM_FLOOR = 1e-12
+#: File name of the packaged alanine-dipeptide reference (free energy + probabilities per bin).
+ALDP_REFERENCE_FILE = "aldp_reference_pmf.npz"
+
+ArrayLike = Union[np.ndarray, Sequence[float]]
+
+
+# --------------------------------------------------------------------------------------------- grids
+def torus_bin_edges(n: int = TORUS_BINS) -> np.ndarray:
+    """Bin edges [n + 1] (radians) of one periodic axis on [-pi, pi)."""
+    return np.linspace(-np.pi, np.pi, n + 1)
+
+
+def torus_bin_centres(n: int = TORUS_BINS) -> np.ndarray:
+    """Bin centres [n] (radians) of one periodic axis on [-pi, pi)."""
+    edges = torus_bin_edges(n)
+    return 0.5 * (edges[:-1] + edges[1:])
+
+
+def torus_grid_points(n: int = TORUS_BINS) -> np.ndarray:
+    """All bin centres of the n x n torus grid as points [n * n, 2] (phi, psi) in radians.
+
+    Row-major with phi along the first axis: ``points.reshape(n, n, 2)[i, j] = (phi_i, psi_j)``, so a
+    PMF evaluated on these points reshapes to the ``[i_phi, j_psi]`` layout used throughout this module.
+    """
+    c = torus_bin_centres(n)
+    phi, psi = np.meshgrid(c, c, indexing="ij")
+    return np.stack([phi.ravel(), psi.ravel()], axis=1)
+
+
+def mb_bin_edges(n: int = MB_BINS) -> np.ndarray:
+    """Bin edges [n + 1] (nm) of the Mueller-Brown CG coordinate s = x - y on [-2.5, 1.1]."""
+    return np.linspace(MB_RANGE[0], MB_RANGE[1], n + 1)
+
+
+def mb_bin_centres(n: int = MB_BINS) -> np.ndarray:
+    """Bin centres [n] (nm) of the Mueller-Brown CG coordinate s = x - y."""
+    edges = mb_bin_edges(n)
+    return 0.5 * (edges[:-1] + edges[1:])
+
+
+# ----------------------------------------------------------------------------------------- the metric
+def forward_kld(p_ref: ArrayLike, p_est: ArrayLike) -> float:
+    """Forward KL divergence D(p_ref || p_est) = sum_b p_ref log(p_ref / p_est) in nats.
+
+    Args:
+        p_ref: reference probabilities (or unnormalised non-negative weights) per bin, any shape.
+        p_est: estimated probabilities per bin, same shape; normalised here.
+    Bins with ``p_ref == 0`` are skipped. Returns ``inf`` if ``p_est == 0`` where ``p_ref > 0``.
+    """
+    p = np.asarray(p_ref, dtype=np.float64)
+    q = np.asarray(p_est, dtype=np.float64)
+    if p.shape != q.shape:
+        raise ValueError(f"shape mismatch: p_ref {p.shape} vs p_est {q.shape}")
+    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(q))):
+        raise ValueError("probabilities must be finite")
+    if np.any(p < 0) or np.any(q < 0):
+        raise ValueError("probabilities must be non-negative")
+    p = p / p.sum()
+    q = q / q.sum()
+    mask = p > 0
+    if np.any(q[mask] == 0):
+        return float("inf")
+    return float(np.sum(p[mask] * (np.log(p[mask]) - np.log(q[mask]))))
+
+
+def pmf_to_probabilities(A: ArrayLike) -> np.ndarray:
+    """Bin probabilities exp(-A) / sum exp(-A) from a PMF at the bin centres.
+
+    Args:
+        A: PMF in kT at the bin centres, any shape; ``+inf`` means probability 0. Adding a constant to
+           ``A`` does not change the result.
+    Returns the probabilities, same shape, float64, summing to 1.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    if np.any(np.isnan(A)) or np.any(A == -np.inf):
+        raise ValueError("PMF contains NaN or -inf")
+    finite = np.isfinite(A)
+    if not np.any(finite):
+        raise ValueError("PMF is +inf everywhere")
+    w = np.zeros_like(A)
+    w[finite] = np.exp(-(A[finite] - A[finite].min()))
+    return w / w.sum()
+
+
+def probabilities_to_pmf(p: ArrayLike) -> np.ndarray:
+    """PMF in kT (minimum 0; +inf where p == 0) from bin probabilities, same shape."""
+    p = np.asarray(p, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        A = -np.log(p)
+    return A - A[np.isfinite(A)].min()
+
+
+def _smooth_axis(h: np.ndarray, axis: int, periodic: bool, sigma_bins: float = 1.0) -> np.ndarray:
+    """Convolve ``h`` along ``axis`` with a Gaussian of ``sigma_bins`` bins (truncated at 4 sigma).
+
+    Periodic axes wrap around; non-periodic axes are zero-padded (mass smoothed past the ends is lost,
+    the caller renormalises)."""
+    half = int(np.ceil(4 * sigma_bins))
+    offsets = np.arange(-half, half + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma_bins) ** 2)
+    kernel /= kernel.sum()
+    out = np.zeros_like(h)
+    n = h.shape[axis]
+    for k, o in zip(kernel, offsets):
+        if periodic:
+            out += k * np.roll(h, o, axis=axis)
+        else:
+            shifted = np.zeros_like(h)
+            src = [slice(None)] * h.ndim
+            dst = [slice(None)] * h.ndim
+            if o >= 0:
+                src[axis], dst[axis] = slice(0, n - o), slice(o, n)
+            else:
+                src[axis], dst[axis] = slice(-o, n), slice(0, n + o)
+            shifted[tuple(dst)] = h[tuple(src)]
+            out += k * shifted
+    return out
+
+
+def histogram_probabilities(
+    samples: ArrayLike,
+    bins: Union[int, Sequence[int]],
+    ranges: Sequence[tuple[float, float]],
+    periodic: Union[bool, Sequence[bool]],
+    smooth: bool = True,
+    weights: ArrayLike | None = None,
+) -> np.ndarray:
+    """Bin probabilities from samples: histogram, Gaussian smoothing of one bin width, floor, normalise.
+
+    Args:
+        samples: [N, d] (or [N] for d = 1) CG coordinates (radians for dihedrals, nm for Mueller-Brown).
+        bins: bins per dimension (int or one per dimension).
+        ranges: (low, high) per dimension. Periodic coordinates are wrapped into [low, high) first;
+            non-periodic samples outside the range are dropped.
+        periodic: per dimension (or one bool for all) whether the axis wraps around.
+        smooth: apply the Gaussian smoothing (sigma = 1 bin, periodic where the axis is) and the
+            1e-12 floor; ``False`` gives the raw normalised histogram.
+        weights: optional non-negative weights [N] (e.g. reweighting factors of biased samples).
+    Returns probabilities with shape ``bins`` (d axes, axis k = dimension k), summing to 1.
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    d = x.shape[1]
+    bins = [int(bins)] * d if np.isscalar(bins) else [int(b) for b in bins]
+    periodic = [bool(periodic)] * d if np.isscalar(periodic) else [bool(p) for p in periodic]
+    if len(ranges) != d or len(bins) != d or len(periodic) != d:
+        raise ValueError("bins, ranges and periodic must have one entry per dimension")
+    x = x.copy()
+    for k in range(d):
+        lo, hi = ranges[k]
+        if periodic[k]:
+            x[:, k] = lo + np.mod(x[:, k] - lo, hi - lo)
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
+    h, _ = np.histogramdd(x, bins=bins, range=[tuple(r) for r in ranges], weights=w)
+    if h.sum() <= 0:
+        raise ValueError("no samples inside the histogram range")
+    h = h / h.sum()
+    if not smooth:
+        return h
+    for k in range(d):
+        h = _smooth_axis(h, k, periodic[k])
+    h = h / h.sum() + HISTOGRAM_FLOOR
+    return h / h.sum()
+
+
+def torus_histogram(samples: ArrayLike, n: int = TORUS_BINS, smooth: bool = True, weights=None) -> np.ndarray:
+    """Smoothed histogram probabilities [n, n] (``[i_phi, j_psi]``) of (phi, psi) samples [N, 2] in radians."""
+    return histogram_probabilities(samples, n, [(-np.pi, np.pi)] * 2, [True, True], smooth, weights)
+
+
+def mb_histogram(samples: ArrayLike, n: int = MB_BINS, smooth: bool = True, weights=None) -> np.ndarray:
+    """Smoothed (non-periodic) histogram probabilities [n] of Mueller-Brown s = x - y samples [N] (nm)."""
+    return histogram_probabilities(np.asarray(samples).reshape(-1, 1), n, [MB_RANGE], [False], smooth, weights)
+
+
+# ------------------------------------------------------------------------------- Mueller-Brown exact
+def mueller_brown_reference(n: int = MB_BINS, sub: int = 40, df: float = 0.002,
+                            f_range: tuple[float, float] = (-5.0, 6.0), beta: float = MB_BETA) -> np.ndarray:
+    """Exact Mueller-Brown bin probabilities [n] along s = x - y by quadrature.
+
+    p(bin) = integral over s in the bin and over f = x + y of exp(-beta U(x, y)), with x = (s + f)/2,
+    y = (f - s)/2 (constant Jacobian 1/2, cancelled by normalisation). Midpoint rule with ``sub``
+    points per bin in s and step ``df`` (nm) in f over ``f_range`` (the integrand is negligible outside).
+    Normalised over the n bins of [-2.5, 1.1].
+    """
+    from .mueller_brown import potential
+
+    edges = mb_bin_edges(n)
+    ds = (edges[1] - edges[0]) / sub
+    s = edges[0] + ds * (np.arange(n * sub) + 0.5)
+    f = np.arange(f_range[0] + 0.5 * df, f_range[1], df)
+    p = np.empty(n * sub)
+    chunk = 256
+    for i in range(0, len(s), chunk):
+        si = s[i:i + chunk, None]
+        x, y = 0.5 * (si + f[None, :]), 0.5 * (f[None, :] - si)
+        u = beta * potential(x, y)
+        p[i:i + chunk] = np.exp(-u).sum(axis=1)
+    p = p.reshape(n, sub).sum(axis=1)
+    return p / p.sum()
+
+
+def mueller_brown_reference_pmf(n: int = MB_BINS) -> np.ndarray:
+    """Exact Mueller-Brown PMF [n] in kT (minimum 0) per bin of s = x - y (bin-integrated)."""
+    return probabilities_to_pmf(mueller_brown_reference(n))
+
+
+# --------------------------------------------------------------------------------- references + API
+def load_reference(name: str = "alanine-dipeptide", path: str | os.PathLike | None = None) -> dict:
+    """A reference as a dict with ``probabilities`` (bins), ``edges`` (list of edge arrays), ``periodic``.
+
+    ``name``: ``"alanine-dipeptide"`` (the packaged well-tempered-metadynamics reference, [100, 100]
+    ``[i_phi, j_psi]``; or ``path`` to an npz written by ``benchmarks/reference_metad.py``) or
+    ``"mueller-brown"`` (exact quadrature, [100]).
+    """
+    key = name.lower().replace("_", "-")
+    if key in ("mueller-brown", "muller-brown", "mb"):
+        return {"name": "mueller-brown", "probabilities": mueller_brown_reference(),
+                "edges": [mb_bin_edges()], "periodic": [False]}
+    if key in ("alanine-dipeptide", "aldp", "ala2"):
+        if path is None:
+            path = resources.files("openmm_cgflow").joinpath("data", ALDP_REFERENCE_FILE)
+        with np.load(str(path)) as z:
+            p = np.array(z["probabilities"], dtype=np.float64)
+            out = {"name": "alanine-dipeptide", "probabilities": p / p.sum(),
+                   "edges": [np.array(z["phi_edges"]), np.array(z["psi_edges"])], "periodic": [True, True]}
+            if "free_energy_kT" in z:
+                out["free_energy_kT"] = np.array(z["free_energy_kT"])
+            if "self_consistency_kld" in z:
+                out["self_consistency_kld"] = float(z["self_consistency_kld"])
+        return out
+    raise ValueError(f"unknown reference {name!r}")
+
+
+def _as_reference(reference) -> dict:
+    if isinstance(reference, dict):
+        return reference
+    if isinstance(reference, (str, os.PathLike)):
+        s = str(reference)
+        if s.endswith(".npz"):
+            return load_reference("alanine-dipeptide", path=s)
+        return load_reference(s)
+    p = np.asarray(reference, dtype=np.float64)
+    if p.ndim == 2 and p.shape == (TORUS_BINS, TORUS_BINS):
+        return {"name": "alanine-dipeptide", "probabilities": p / p.sum(),
+                "edges": [torus_bin_edges(), torus_bin_edges()], "periodic": [True, True]}
+    if p.ndim == 1 and p.shape == (MB_BINS,):
+        return {"name": "mueller-brown", "probabilities": p / p.sum(), "edges": [mb_bin_edges()],
+                "periodic": [False]}
+    raise ValueError("reference must be a name, an npz path, a dict or a standard probability grid")
+
+
+def reference_grid_points(reference) -> np.ndarray:
+    """Bin centres of a reference's grid as points [n_bins, d] (row-major, axis 0 first)."""
+    ref = _as_reference(reference)
+    centres = [0.5 * (e[:-1] + e[1:]) for e in ref["edges"]]
+    mesh = np.meshgrid(*centres, indexing="ij")
+    return np.stack([m.ravel() for m in mesh], axis=1)
+
+
+def _evaluate_pmf(pmf: Callable, points: np.ndarray) -> np.ndarray:
+    """Call a PMF on points [N, d]; torch modules get a float64 tensor. Returns A [N] in kT."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(pmf, torch.nn.Module):
+        with torch.no_grad():
+            out = pmf(torch.as_tensor(points, dtype=torch.float64))
+        return np.asarray(out.detach().cpu().numpy(), dtype=np.float64).reshape(-1)
+    out = pmf(points)
+    if torch is not None and isinstance(out, torch.Tensor):
+        out = out.detach().cpu().numpy()
+    return np.asarray(out, dtype=np.float64).reshape(-1)
+
+
+def kld_from_pmf(pmf: Union[Callable, ArrayLike], reference="alanine-dipeptide") -> float:
+    """Forward KLD D(p_ref || exp(-A)) of a PMF on a standard grid.
+
+    Args:
+        pmf: a callable taking CG points [N, d] (numpy array, or float64 tensor for a torch module such
+             as a loaded ``pmf.pt``) and returning A [N] in kT; or A already evaluated at the bin
+             centres (shape of the reference grid, or flat in the row-major order of
+             :func:`reference_grid_points`).
+        reference: ``"alanine-dipeptide"`` (100 x 100 on [-pi, pi)^2), ``"mueller-brown"`` (100 bins on
+             s in [-2.5, 1.1]), an npz path, a dict from :func:`load_reference`, or a probability grid.
+    Returns the divergence in nats.
+    """
+    ref = _as_reference(reference)
+    p_ref = ref["probabilities"]
+    if callable(pmf):
+        A = _evaluate_pmf(pmf, reference_grid_points(ref))
+    else:
+        A = np.asarray(pmf, dtype=np.float64)
+    A = A.reshape(p_ref.shape)
+    return forward_kld(p_ref, pmf_to_probabilities(A))
+
+
+def kld_from_samples(samples: ArrayLike, reference="alanine-dipeptide", weights=None) -> float:
+    """Forward KLD D(p_ref || smoothed histogram of samples) on a standard grid.
+
+    Args:
+        samples: CG samples [N, d] (radians for (phi, psi); nm for Mueller-Brown s, shape [N] or [N, 1]).
+        reference: as in :func:`kld_from_pmf`.
+        weights: optional per-sample weights [N] (reweighting).
+    """
+    ref = _as_reference(reference)
+    p_ref = ref["probabilities"]
+    edges = ref["edges"]
+    q = histogram_probabilities(samples, [len(e) - 1 for e in edges], [(e[0], e[-1]) for e in edges],
+                                ref["periodic"], smooth=True, weights=weights)
+    return forward_kld(p_ref, q)
+
+
+def basin_populations(p: np.ndarray, n: int = TORUS_BINS) -> dict:
+    """Populations of the alanine-dipeptide basins from torus bin probabilities [n, n] (``[i_phi, j_psi]``).
+
+    Definitions (radians, by bin centre): ``phi_pos`` = phi > 0 (alpha_L, C7ax);
+    ``alpha_R`` = phi < 0 and -2.0 < psi < 1.0; ``beta_C7eq`` = phi < 0 and (psi >= 1.0 or psi <= -2.0).
+    """
+    p = np.asarray(p, dtype=np.float64)
+    p = p / p.sum()
+    c = torus_bin_centres(n)
+    phi, psi = np.meshgrid(c, c, indexing="ij")
+    neg = phi < 0
+    alpha = neg & (psi > -2.0) & (psi < 1.0)
+    return {"beta_C7eq": float(p[neg & ~alpha].sum()), "alpha_R": float(p[alpha].sum()),
+            "phi_pos": float(p[~neg].sum())}

@@ -1,0 +1,295 @@
+"""Molecules with coarse-grained coordinates: one interface for built-in and user systems.
+
+A :class:`CGSystem` bundles an OpenMM ``System``, its ``Topology``, a reference structure, the
+temperature and the CG coordinates, together with the coordinate transform the flow works in.
+Alanine dipeptide is built through the same generic :func:`from_openmm` path a user's molecule takes.
+Units: positions in nm, temperature in K, kT in kJ/mol, CG dihedrals in radians (mdtraj/IUPAC sign).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Sequence, Union
+
+import numpy as np
+import openmm
+import openmm.app as app
+import openmm.unit as unit
+
+from . import mueller_brown as _mb
+from .coordinates import InternalCoordinates, LinearCoordinates
+
+#: Molar gas constant in kJ/(mol K), OpenMM's value.
+MOLAR_GAS_CONSTANT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
+
+CGSpec = Union[Sequence[int], str]
+
+
+@dataclass
+class CGSystem:
+    """A molecule (OpenMM System + Topology + reference positions) with its CG coordinates.
+
+    Attributes:
+        name: short identifier, e.g. ``"alanine-dipeptide"``.
+        system: the all-atom ``openmm.System`` (energies in kJ/mol).
+        topology: ``openmm.app.Topology`` matching ``system`` atom for atom.
+        positions: reference structure, float64 array [n_atoms, 3] in nm.
+        temperature: K.
+        cg_atoms: atom quadruples (0-based) of the dihedral CG coordinates; empty for Mueller-Brown.
+        cg_names: one name per CG coordinate.
+        cg_periodic: whether each CG coordinate is periodic (dihedrals: period 2 pi).
+        coordinates: the internal-coordinate transform (fine coordinates + CG coordinates).
+    """
+
+    name: str
+    system: openmm.System
+    topology: app.Topology
+    positions: np.ndarray
+    temperature: float
+    cg_atoms: list
+    cg_names: list
+    cg_periodic: list
+    coordinates: object = field(repr=False)
+
+    @property
+    def kT(self) -> float:
+        """Thermal energy in kJ/mol."""
+        return MOLAR_GAS_CONSTANT * self.temperature
+
+    @property
+    def beta(self) -> float:
+        """Inverse thermal energy in mol/kJ."""
+        return 1.0 / self.kT
+
+    @property
+    def n_atoms(self) -> int:
+        return self.system.getNumParticles()
+
+    @property
+    def n_cg(self) -> int:
+        return len(self.cg_names)
+
+    def cg_of(self, positions) -> np.ndarray:
+        """CG coordinates [B, n_cg] (radians for dihedrals) of positions [B, n_atoms, 3] or [n_atoms, 3] in nm."""
+        import torch
+
+        x = torch.as_tensor(np.asarray(positions, dtype=np.float64))
+        if x.ndim == 2:
+            x = x[None]
+        _, s, _ = self.coordinates.to_internal(x)
+        return s.numpy()
+
+
+def _check_temperature(temperature) -> float:
+    if unit.is_quantity(temperature):
+        temperature = temperature.value_in_unit(unit.kelvin)
+    temperature = float(temperature)
+    if not np.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive number of kelvin, got {temperature!r}")
+    return temperature
+
+
+def _positions_nm(positions, n_atoms: int) -> np.ndarray:
+    if unit.is_quantity(positions):
+        positions = positions.value_in_unit(unit.nanometer)
+    xyz = np.asarray(positions, dtype=np.float64)
+    if xyz.shape != (n_atoms, 3):
+        raise ValueError(f"positions have shape {xyz.shape}, expected ({n_atoms}, 3) for a System of {n_atoms} particles")
+    if not np.all(np.isfinite(xyz)):
+        bad = np.where(~np.isfinite(xyz).all(axis=1))[0]
+        raise ValueError(f"positions contain NaN or infinite values at atoms {bad.tolist()}")
+    return xyz
+
+
+def _residue_atom(residue, name: str) -> int:
+    for atom in residue.atoms():
+        if atom.name == name:
+            return atom.index
+    raise ValueError(f"residue {residue.name}{residue.id} has no atom named {name!r}")
+
+
+def _find_residue(topology: app.Topology, key: str):
+    """Residue from ``"ALA"`` (must be unique), ``"ALA2"`` (name + id) or ``"2"`` (id)."""
+    residues = list(topology.residues())
+    matches = [r for r in residues if key in (r.id, f"{r.name}{r.id}")]
+    if not matches:
+        matches = [r for r in residues if r.name == key]
+        if len(matches) > 1:
+            raise ValueError(f"residue name {key!r} is ambiguous ({len(matches)} residues); give name and id, e.g. {key}{matches[0].id}")
+    if not matches:
+        raise ValueError(f"no residue {key!r} in the topology (residues: {[f'{r.name}{r.id}' for r in residues]})")
+    return matches[0]
+
+
+def _bonded_neighbour(topology: app.Topology, atom_index: int, name: str) -> int:
+    for a1, a2 in topology.bonds():
+        for here, there in ((a1, a2), (a2, a1)):
+            if here.index == atom_index and there.name == name and there.residue.index != here.residue.index:
+                return there.index
+    raise ValueError(f"atom {atom_index} has no bonded {name!r} atom in a neighbouring residue")
+
+
+def resolve_cg(topology: app.Topology, spec: CGSpec) -> tuple[tuple[int, int, int, int], str]:
+    """Atom quadruple and name of one CG dihedral.
+
+    ``spec`` is either four 0-based atom indices or ``"phi:RES"`` / ``"psi:RES"`` where RES names a residue
+    (``"ALA"``, ``"ALA2"`` or ``"2"``): phi = C(i-1)-N-CA-C, psi = N-CA-C-N(i+1), as mdtraj defines them.
+    """
+    if isinstance(spec, str):
+        kind, _, key = spec.partition(":")
+        if kind not in ("phi", "psi") or not key:
+            raise ValueError(f"CG coordinate {spec!r} not understood: use 'phi:RES', 'psi:RES' or four atom indices")
+        residue = _find_residue(topology, key)
+        n, ca, c = (_residue_atom(residue, name) for name in ("N", "CA", "C"))
+        if kind == "phi":
+            quad = (_bonded_neighbour(topology, n, "C"), n, ca, c)
+        else:
+            quad = (n, ca, c, _bonded_neighbour(topology, c, "N"))
+        name = kind if key == residue.name else f"{kind}:{key}"
+        return quad, name
+    quad = tuple(int(i) for i in spec)
+    if len(quad) != 4:
+        raise ValueError(f"a dihedral CG coordinate needs four atom indices, got {spec!r}")
+    return quad, "dihedral(" + ",".join(map(str, quad)) + ")"
+
+
+def from_openmm(
+    system: openmm.System,
+    topology: app.Topology,
+    positions,
+    temperature,
+    cg: Sequence[CGSpec],
+    name: str = "molecule",
+    cg_names: Sequence[str] | None = None,
+    chiral_centres=None,
+) -> CGSystem:
+    """Build a :class:`CGSystem` for any molecule.
+
+    Args:
+        system: all-atom ``openmm.System`` without constraints and without periodic boundaries.
+        topology: its ``Topology`` (bonds define the internal coordinates).
+        positions: reference structure, [n_atoms, 3] in nm (array or OpenMM Quantity).
+        temperature: K (number or Quantity), > 0.
+        cg: CG dihedrals, each four atom indices or ``"phi:RES"`` / ``"psi:RES"``.
+        name: label for logs and files.
+        cg_names: optional names overriding the derived ones.
+        chiral_centres: optional (centre, a, b, c) quadruples for the chirality check (default: CA atoms).
+    """
+    n_atoms = system.getNumParticles()
+    if topology.getNumAtoms() != n_atoms:
+        raise ValueError(f"the topology has {topology.getNumAtoms()} atoms but the System has {n_atoms} particles")
+    if system.getNumConstraints() > 0:
+        raise ValueError(
+            f"the System has {system.getNumConstraints()} constraints; internal coordinates need every bond free. "
+            "Create it with constraints=None (and rigidWater=False)."
+        )
+    if system.usesPeriodicBoundaryConditions():
+        raise ValueError(
+            "the System uses periodic boundary conditions (explicit solvent?); openmm-cgflow supports gas-phase or "
+            "implicit-solvent molecules only: create it with nonbondedMethod=NoCutoff and an implicit-solvent model."
+        )
+    temperature = _check_temperature(temperature)
+    xyz = _positions_nm(positions, n_atoms)
+    if len(cg) == 0:
+        raise ValueError("at least one CG coordinate is needed")
+    resolved = [resolve_cg(topology, spec) for spec in cg]
+    quads = [q for q, _ in resolved]
+    names = list(cg_names) if cg_names is not None else [n for _, n in resolved]
+    if len(names) != len(quads):
+        raise ValueError(f"{len(names)} cg_names given for {len(quads)} CG coordinates")
+    for q in quads:
+        if any(i < 0 or i >= n_atoms for i in q):
+            raise ValueError(f"CG dihedral {q} has atom indices outside 0..{n_atoms - 1}")
+    coordinates = InternalCoordinates.from_topology(topology, xyz, quads, chiral_centres=chiral_centres)
+    return CGSystem(
+        name=name,
+        system=system,
+        topology=topology,
+        positions=xyz,
+        temperature=temperature,
+        cg_atoms=[list(q) for q in quads],
+        cg_names=names,
+        cg_periodic=[True] * len(quads),
+        coordinates=coordinates,
+    )
+
+
+def data_path(filename: str) -> str:
+    """Path of a file shipped in ``openmm_cgflow/data``."""
+    return str(resources.files("openmm_cgflow").joinpath("data", filename))
+
+
+def load_pdb(path: str | os.PathLike) -> app.PDBFile:
+    """Read a PDB file, with errors that name the file when it is missing or unreadable."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"PDB file not found: {path}")
+    try:
+        pdb = app.PDBFile(path)
+    except Exception as exc:  # OpenMM raises assorted errors for malformed files
+        raise ValueError(f"could not read PDB file {path}: {exc}") from exc
+    if pdb.topology.getNumAtoms() == 0:
+        raise ValueError(f"PDB file {path} contains no atoms")
+    return pdb
+
+
+def from_pdb(
+    pdb_path: str | os.PathLike,
+    cg: Sequence[CGSpec],
+    temperature=300.0,
+    forcefield: Sequence[str] = ("amber96.xml", "amber96_obc.xml"),
+    name: str | None = None,
+) -> CGSystem:
+    """Molecule from a PDB file with an OpenMM force field (NoCutoff, no constraints; implicit solvent by default)."""
+    pdb = load_pdb(pdb_path)
+    ff = app.ForceField(*forcefield)
+    system = ff.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False)
+    label = name or os.path.splitext(os.path.basename(os.fspath(pdb_path)))[0]
+    return from_openmm(system, pdb.topology, pdb.positions, temperature, cg, name=label)
+
+
+def alanine_dipeptide(temperature=300.0) -> CGSystem:
+    """ACE-ALA-NME in OBC implicit solvent (amber96.xml + amber96_obc.xml), CG coordinates (phi, psi) in radians."""
+    return from_pdb(data_path("alanine-dipeptide.pdb"), ["phi:ALA", "psi:ALA"], temperature, name="alanine-dipeptide")
+
+
+def proline_dipeptide(temperature=300.0) -> CGSystem:
+    """ACE-PRO-NME in OBC implicit solvent: a ring molecule, CG coordinates (phi, psi)."""
+    return from_pdb(data_path("proline-dipeptide.pdb"), ["phi:PRO", "psi:PRO"], temperature, name="proline-dipeptide")
+
+
+def mueller_brown() -> CGSystem:
+    """Mueller-Brown particle at T = 1202.7 K (kT = 10 kJ/mol); CG coordinate s = x - y (nm), fine x + y."""
+    topology = app.Topology()
+    residue = topology.addResidue("MB", topology.addChain())
+    topology.addAtom("P", None, residue)
+    x0, y0 = _mb.UPPER_LEFT_MINIMUM
+    return CGSystem(
+        name="mueller-brown",
+        system=_mb.create_system(),
+        topology=topology,
+        positions=np.array([[x0, y0, 0.0]]),
+        temperature=_mb.TEMPERATURE,
+        cg_atoms=[],
+        cg_names=["s"],
+        cg_periodic=[False],
+        coordinates=LinearCoordinates(),
+    )
+
+
+#: Built-in systems by the names the CLI accepts.
+BUILTIN = {
+    "alanine-dipeptide": alanine_dipeptide,
+    "mueller-brown": mueller_brown,
+    "proline-dipeptide": proline_dipeptide,
+}
+
+
+def builtin(name: str) -> CGSystem:
+    """A built-in system by name (see :data:`BUILTIN`)."""
+    try:
+        return BUILTIN[name]()
+    except KeyError:
+        raise ValueError(f"unknown system {name!r}; built-in systems are {sorted(BUILTIN)}") from None

@@ -1,0 +1,266 @@
+"""Training the conditional flow q(fine | s): by energy (reverse KL) at given CG points, or by example.
+
+By energy, at each step CG points s are drawn from the point set, fine ~ q(. | s) is sampled
+(reparameterised), mapped to Cartesian x with log_det = log|dx/d(fine, s)|, the reduced energy u(x) (kT)
+comes from the :class:`~openmm_cgflow.bridge.EnergyBridge` (its autograd gradient is -F/kT), and
+
+    loss = mean_i [ log q(fine_i | s_i) - ( -u(x_i) + log_det_i ) ]
+
+over the samples that are finite and have the reference chirality (D-alanine is masked out), after
+dropping the ``drop_worst`` largest per-sample losses of the batch. Stabilisers: linear learning-rate
+warm-up, gradient-norm clipping, skipping steps whose gradient is not finite. Every configuration sent to
+OpenMM is counted by the bridge (``bridge.n_evaluations``); the trainer reports it.
+
+By example, the flow maximises log q(fine | s) of (x, s) pairs converted by the coordinate transform.
+
+The energy object only needs ``energy(x [B, n_atoms, 3] nm float64) -> u [B] kT`` (differentiable) and
+optionally ``n_evaluations``; the coordinates object needs ``to_cartesian``, ``to_internal`` and
+``chirality_ok`` (see ``openmm_cgflow.coordinates``). A :class:`~openmm_cgflow.systems.CGSystem` may be
+passed for the coordinates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["Trainer", "reverse_kl_loss", "ess_fraction", "EpochLog"]
+
+
+def _coordinates(obj):
+    return getattr(obj, "coordinates", obj)
+
+
+def ess_fraction(log_w: torch.Tensor) -> torch.Tensor:
+    """Kish effective sample size over N along the last dim: (sum w)^2 / (N sum w^2), from log weights.
+
+    Non-finite log weights count as zero weight. Returns 0 where every weight is zero. Shape: [..., N] -> [...].
+    """
+    log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
+    n = log_w.shape[-1]
+    lse1 = torch.logsumexp(log_w, dim=-1)
+    lse2 = torch.logsumexp(2.0 * log_w, dim=-1)
+    ess = torch.exp(2.0 * lse1 - lse2) / n
+    return torch.where(torch.isfinite(lse1), ess, torch.zeros_like(ess))
+
+
+def reverse_kl_loss(flow, coordinates, energy, s: torch.Tensor, generator=None, drop_worst: int = 0,
+                    forward_weight: float = 0.0, samples_per_point: int | None = None):
+    """Reverse-KL loss (kT, up to the unknown log partition function) at CG points s [B, n_cg].
+
+    With ``forward_weight`` > 0 (and rows of s grouped in blocks of ``samples_per_point`` equal points) a
+    self-normalised importance-sampling estimate of the forward KL, -sum_i w~_i log q(fine_i | s) with
+    w~ = softmax(log p~ - log q) per point (detached), is added with that weight: it pulls mass into the
+    tails that reverse KL neglects, at no extra energy evaluation (one extra inverse pass of the flow).
+
+    Returns (loss scalar with autograd, info dict with float64 tensors ``log_w`` [B] = log p~ - log q (-inf
+    for excluded samples), ``ok`` [B] bool (finite and right chirality), ``n_dropped`` int).
+    log p~(fine, s) = -u(x) + log_det. If no sample is usable the loss is a zero that still depends on the
+    parameters (its gradient is zero).
+    """
+    coords = _coordinates(coordinates)
+    fine, log_q = flow.sample(s, generator=generator)
+    log_q = log_q.to(torch.float64)
+    x, log_det = coords.to_cartesian(fine.to(torch.float64), s.to(torch.float64))
+    finite_x = torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(dim=1)
+    # broken geometries never reach OpenMM's gradient path with NaN: substitute a harmless copy
+    x_safe = torch.where(finite_x[:, None, None], x, torch.zeros_like(x))
+    u = energy.energy(x_safe)
+    u = torch.where(finite_x, u, torch.full_like(u, math.inf))
+    log_p = -u + log_det
+    per = log_q - log_p
+    with torch.no_grad():
+        ok = torch.isfinite(per) & finite_x & coords.chirality_ok(x_safe.detach()).to(per.device)
+        log_w = torch.where(ok, -per, torch.full_like(per, -math.inf))
+        use = ok.clone()
+        n_drop = min(int(drop_worst), max(int(ok.sum()) - 1, 0))
+        if n_drop > 0:
+            worst = torch.topk(torch.where(ok, per, torch.full_like(per, -math.inf)), n_drop).indices
+            use[worst] = False
+    if bool(use.any()):
+        per_used = torch.where(use, per, torch.zeros_like(per))
+        loss = per_used.sum() / use.sum()
+    else:
+        loss = 0.0 * log_q.sum()
+    if forward_weight > 0.0 and bool(ok.any()):
+        k = int(samples_per_point or s.shape[0])
+        lw = log_w.reshape(-1, k)
+        has = torch.isfinite(lw).any(dim=1, keepdim=True)
+        w = torch.where(has, torch.softmax(torch.where(has, lw, torch.zeros_like(lw)), dim=1), torch.zeros_like(lw))
+        fine_fixed = torch.where(ok[:, None], fine.detach(), torch.zeros_like(fine.detach()))
+        lq_fixed = flow.log_prob(fine_fixed, s).to(torch.float64).reshape(-1, k)
+        lq_fixed = torch.where(w > 0, lq_fixed, torch.zeros_like(lq_fixed))
+        loss = loss - forward_weight * (w * lq_fixed).sum() / has.sum()
+    return loss, {"log_w": log_w, "ok": ok, "n_dropped": n_drop}
+
+
+@dataclass
+class EpochLog:
+    """One epoch of training. ``ess`` is the mean over CG points of the Kish ESS/N of that epoch's samples
+    (by energy; NaN by example); ``n_evaluations`` is the bridge's cumulative energy-evaluation count."""
+
+    epoch: int
+    loss: float
+    ess: float
+    n_evaluations: int
+    n_bad: int = 0  # excluded samples (non-finite or wrong chirality)
+    n_skipped_steps: int = 0
+    ess_per_point: np.ndarray | None = field(default=None, repr=False)
+
+
+class Trainer:
+    """Optimiser state and settings for training a :class:`~openmm_cgflow.flow.ConditionalFlow`.
+
+    Args:
+        flow: the flow (its dtype is used for sampling; energies are float64).
+        coordinates: coordinate transform, or a CGSystem (its ``.coordinates``).
+        energy: an EnergyBridge (or any object with ``energy(x) -> u`` in kT); needed for ``train_by_energy``.
+        lr: peak Adam learning rate.
+        warmup_steps: steps of linear learning-rate warm-up from lr / warmup_steps.
+        clip: gradient-norm clip.
+        drop_worst: largest per-sample losses dropped from each batch.
+        forward_weight: weight of the importance-weighted forward-KL term (see :func:`reverse_kl_loss`).
+        samples_per_point: flow samples per CG point per epoch (by energy).
+        points_per_batch: CG points per optimiser step (by energy).
+        seed: seeds the point shuffling and the flow's samples.
+        progress: show a tqdm progress bar.
+
+    The optimiser persists across calls, so training can continue on new points.
+    """
+
+    def __init__(
+        self,
+        flow,
+        coordinates,
+        energy=None,
+        lr: float = 1e-3,
+        warmup_steps: int = 50,
+        clip: float = 100.0,
+        drop_worst: int = 0,
+        forward_weight: float = 0.0,
+        samples_per_point: int = 16,
+        points_per_batch: int = 64,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        self.flow = flow
+        self.coordinates = _coordinates(coordinates)
+        self.energy = energy
+        self.lr = float(lr)
+        self.warmup_steps = int(warmup_steps)
+        self.clip = float(clip)
+        self.drop_worst = int(drop_worst)
+        self.forward_weight = float(forward_weight)
+        self.samples_per_point = int(samples_per_point)
+        self.points_per_batch = int(points_per_batch)
+        self.progress = progress
+        self.optimizer = torch.optim.Adam(flow.parameters(), lr=self.lr, weight_decay=weight_decay)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.step_count = 0
+        self._lr_now = self.lr
+        self.history: list[EpochLog] = []
+
+    @property
+    def n_evaluations(self) -> int:
+        """Energy evaluations so far, as counted by the energy object (0 if it has no counter)."""
+        return int(getattr(self.energy, "n_evaluations", 0))
+
+    def _set_lr(self):
+        frac = min(1.0, (self.step_count + 1) / max(self.warmup_steps, 1))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr_now * frac
+
+    def _anneal(self, epoch: int, epochs: int, lr_final: float | None):
+        """Learning rate of this epoch: geometric from ``lr`` to ``lr_final`` over the call's epochs."""
+        if lr_final is None or epochs <= 1:
+            self._lr_now = self.lr
+        else:
+            self._lr_now = self.lr * (lr_final / self.lr) ** (epoch / (epochs - 1))
+
+    def _step(self, loss) -> bool:
+        """One optimiser step; returns False (and skips it) if the gradient is not finite."""
+        self._set_lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.flow.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip)
+        self.step_count += 1
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.optimizer.step()
+        return True
+
+    def train_by_energy(self, s_points, epochs: int, lr_final: float | None = None) -> list[EpochLog]:
+        """Reverse-KL training at CG points s_points [M, n_cg] (radians / nm) for ``epochs`` epochs.
+
+        An epoch visits every point ``samples_per_point`` times, ``points_per_batch`` points per step.
+        With ``lr_final`` the learning rate decays geometrically from ``lr`` to it over these epochs.
+        Returns the epochs' logs (also appended to ``self.history``).
+        """
+        if self.energy is None:
+            raise ValueError("train_by_energy needs an energy object (EnergyBridge)")
+        s_points = torch.as_tensor(np.asarray(s_points, dtype=np.float64)).reshape(len(s_points), -1)
+        m = s_points.shape[0]
+        k = self.samples_per_point
+        ppb = max(1, min(self.points_per_batch, m))
+        logs = []
+        bar = tqdm(range(epochs), desc="flow by energy", disable=not self.progress, leave=False)
+        for epoch in bar:
+            self._anneal(epoch, epochs, lr_final)
+            order = torch.randperm(m, generator=self.generator)
+            log_w_all = torch.full((m, k), -math.inf, dtype=torch.float64)
+            losses, n_bad, n_skip = [], 0, 0
+            for start in range(0, m, ppb):
+                idx = order[start : start + ppb]
+                s = s_points[idx].repeat_interleave(k, dim=0).to(self.flow.dtype)
+                loss, info = reverse_kl_loss(
+                    self.flow, self.coordinates, self.energy, s, self.generator, self.drop_worst,
+                    forward_weight=self.forward_weight, samples_per_point=k,
+                )
+                if not self._step(loss):
+                    n_skip += 1
+                losses.append(float(loss.detach()))
+                log_w_all[idx] = info["log_w"].reshape(-1, k).cpu()
+                n_bad += int((~info["ok"]).sum())
+            ess = ess_fraction(log_w_all)
+            log = EpochLog(
+                epoch=len(self.history), loss=float(np.mean(losses)), ess=float(ess.mean()),
+                n_evaluations=self.n_evaluations, n_bad=n_bad, n_skipped_steps=n_skip, ess_per_point=ess.numpy(),
+            )
+            self.history.append(log)
+            logs.append(log)
+            bar.set_postfix(loss=f"{log.loss:.3f}", ess=f"{log.ess:.3f}", evals=log.n_evaluations)
+        return logs
+
+    def train_by_example(self, x, epochs: int, batch_size: int = 256, lr_final: float | None = None) -> list[EpochLog]:
+        """Maximum likelihood on configurations x [N, n_atoms, 3] nm (their CG coordinates come from the
+        transform). Returns the epochs' logs (loss = mean negative log-likelihood of fine given s).
+        ``lr_final``: as in :meth:`train_by_energy`."""
+        x = torch.as_tensor(np.asarray(x, dtype=np.float64)) if not isinstance(x, torch.Tensor) else x.to(torch.float64)
+        fine, s, _ = self.coordinates.to_internal(x)
+        fine, s = fine.detach().to(self.flow.dtype), s.detach().to(self.flow.dtype)
+        n = fine.shape[0]
+        logs = []
+        bar = tqdm(range(epochs), desc="flow by example", disable=not self.progress, leave=False)
+        for epoch in bar:
+            self._anneal(epoch, epochs, lr_final)
+            order = torch.randperm(n, generator=self.generator)
+            losses, n_skip = [], 0
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                loss = -self.flow.log_prob(fine[idx], s[idx]).mean()
+                if not self._step(loss):
+                    n_skip += 1
+                losses.append(float(loss.detach()))
+            log = EpochLog(epoch=len(self.history), loss=float(np.mean(losses)), ess=float("nan"),
+                           n_evaluations=self.n_evaluations, n_skipped_steps=n_skip)
+            self.history.append(log)
+            logs.append(log)
+            bar.set_postfix(nll=f"{log.loss:.3f}")
+        return logs
