@@ -524,7 +524,8 @@ class PMFLearner:
             png = os.path.join(self.out_dir, "plots", f"pmf_{record['iteration']:03d}.png")
             centres = record.get("new_centres")
             plot_pmf(self.pmf_path, png, points=None if centres is None else np.asarray(centres),
-                     threshold=self.settings.threshold_kT, labelled=self.label_s)
+                     threshold=self.settings.threshold_kT,
+                     title=f"iteration {record['iteration']}: {len(self.label_s)} labelled CG points")
             if any("kld" in r for r in self.history):
                 _plot_kld(self.history, os.path.join(self.out_dir, "plots", "kld.png"))
         except Exception as exc:  # a plot must never end a run

@@ -232,6 +232,10 @@ class ConditionalFlow(nn.Module):
         hidden: conditioner hidden widths.
         affine_hidden: hidden widths of a first conditional affine layer on the non-circular dims,
             y = loc(s) + scale(s) * z, before the splines (None: no such layer).
+        affine_last: put the conditional affine layer after the splines instead (fine = loc(s) + scale(s) * y
+            with y from the splines): the splines then shape a standardised variable, so their bins resolve
+            conditionals much narrower than the spline domain (Mueller-Brown's s_perp in nm has conditional
+            widths 0.1-0.5 against a domain of +-5; measured min ESS/N at 64 points 0.23 -> see flow_for).
         n_bins: spline bins K.
         tail_bound: half-width of the spline domain of non-circular dims (identity tails outside).
         cg_loc, cg_scale: standardisation of non-periodic CG dims, context = (s - loc) / scale
@@ -253,6 +257,7 @@ class ConditionalFlow(nn.Module):
         n_layers: int = 8,
         hidden: Sequence[int] = (192, 192),
         affine_hidden: Sequence[int] | None = (64,),
+        affine_last: bool = False,
         n_bins: int = 8,
         tail_bound: float = 5.0,
         cg_loc: Sequence[float] | None = None,
@@ -279,7 +284,7 @@ class ConditionalFlow(nn.Module):
         self.hparams = dict(
             n_fine=n_fine, circular=circular.tolist(), n_cg=n_cg, cg_periodic=self.cg_periodic,
             n_layers=n_layers, hidden=list(hidden),
-            affine_hidden=None if affine_hidden is None else list(affine_hidden), n_bins=n_bins, tail_bound=tail_bound,
+            affine_hidden=None if affine_hidden is None else list(affine_hidden), affine_last=bool(affine_last), n_bins=n_bins, tail_bound=tail_bound,
             cg_loc=loc.tolist(), cg_scale=scale.tolist(), seed=seed,
         )
 
@@ -306,6 +311,7 @@ class ConditionalFlow(nn.Module):
             shifts[-1] = torch.where(circular, _wrap(-torch.stack(shifts[:-1]).sum(0)), 0.0) if len(shifts) > 1 else torch.zeros(n_fine, dtype=torch.float64)
         self.layers = nn.ModuleList(layers)
         self.affine = None
+        self.affine_last = bool(affine_last)
         if affine_hidden is not None and bool((~circular).any()):
             self.affine = _ConditionalAffine(circular, self.n_context, affine_hidden)
         self.register_buffer("shifts", torch.stack(shifts) if shifts else torch.zeros(0, n_fine, dtype=torch.float64))
@@ -352,12 +358,15 @@ class ConditionalFlow(nn.Module):
         ctx = self.context(s)
         x = z.to(self.dtype)
         logdet = torch.zeros(x.shape[0], dtype=self.dtype, device=x.device)
-        if self.affine is not None:
+        if self.affine is not None and not self.affine_last:
             x, logdet = self.affine(x, ctx)
         for i, layer in enumerate(self.layers):
             x, ld = layer(x, ctx)
             logdet = logdet + ld
             x = self._shift(x, i, +1.0)
+        if self.affine is not None and self.affine_last:
+            x, ld = self.affine(x, ctx)
+            logdet = logdet + ld
         return x, logdet
 
     def inverse_transform(self, fine: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,11 +376,13 @@ class ConditionalFlow(nn.Module):
         if self.circular.any():
             x = torch.where(self.circular, _wrap(x), x)
         logdet = torch.zeros(x.shape[0], dtype=self.dtype, device=x.device)
+        if self.affine is not None and self.affine_last:
+            x, logdet = self.affine(x, ctx, inverse=True)
         for i in reversed(range(len(self.layers))):
             x = self._shift(x, i, -1.0)
             x, ld = self.layers[i](x, ctx, inverse=True)
             logdet = logdet + ld
-        if self.affine is not None:
+        if self.affine is not None and not self.affine_last:
             x, ld = self.affine(x, ctx, inverse=True)
             logdet = logdet + ld
         return x, logdet

@@ -38,9 +38,10 @@ def _s(n, seed=0):
     return (torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1) * math.pi
 
 
-@pytest.fixture
-def flow():
-    return _randomise(ConditionalFlow(N_FINE, _circular(), 2, [True, True], n_layers=4, hidden=(32, 32)))
+@pytest.fixture(params=[False, True], ids=["affine_first", "affine_last"])
+def flow(request):
+    return _randomise(ConditionalFlow(N_FINE, _circular(), 2, [True, True], n_layers=4, hidden=(32, 32),
+                                      affine_last=request.param))
 
 
 def test_spline_inverse_and_logdet_against_autograd():

@@ -1,0 +1,272 @@
+"""CG dynamics on a learned PMF: many independent walkers in one OpenMM Context, and their reporter.
+
+Each walker is one particle; its first d coordinates are the CG coordinates s (radians for dihedrals,
+read as nm; nm for Mueller-Brown's s = x - y), the remaining coordinates feel no force. Dihedral CG
+spaces live in a periodic cubic box of side 2 pi; the walkers move under ``-kT grad A_mean(s)`` with
+OpenMM's ``LangevinMiddleIntegrator`` at the PMF's temperature.
+
+Default dynamics (chosen for PMFs with barriers of ~10 kT and curvatures up to ~10^3 kT/rad^2):
+
+* mass m = kT / (1 nm/ps)^2 amu (2.49 amu at 300 K), so the thermal velocity is 1 rad/ps at any
+  temperature, and a well of curvature A'' (kT/rad^2) oscillates at omega = sqrt(A'') per ps;
+* timestep 0.02 ps: omega * dt <= 0.6 for A'' <= 900 kT/rad^2 (the integrator is stable up to 2);
+* friction 2 / ps: close to critical damping in the wells (omega ~ 2-10 / ps), which decorrelates
+  fastest; the position diffusion constant is kT / (m gamma) = 0.5 rad^2/ps.
+
+Shapes: ``s`` [W, d]; :meth:`CGDynamics.run` returns s [F, W, d] and spread [F, W] (kT).
+:class:`CGReporter` writes NumPy .npz: ``s`` [frames, walkers, d] (float32, periodic coordinates in
+[-pi, pi)), ``spread`` [frames, walkers] kT (float32), ``time_ps`` [frames], plus ``step`` [frames],
+``cg_names``, ``periodic``, ``temperature``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Optional
+
+import numpy as np
+import openmm
+import openmm.app as app
+import openmm.unit as unit
+import torch
+
+from .forces import cg_walker_system, find_pmf_module
+from .pmf import PMF, load_pmf, wrap_periodic
+
+__all__ = ["CGDynamics", "CGReporter", "DEFAULT_TIMESTEP_PS", "DEFAULT_FRICTION_PER_PS", "integrator_seed"]
+
+DEFAULT_TIMESTEP_PS = 0.02
+DEFAULT_FRICTION_PER_PS = 2.0
+
+
+def integrator_seed(seed: int) -> int:
+    """A nonzero OpenMM random seed from any integer (OpenMM treats 0 as 'pick one at random')."""
+    return int(np.random.SeedSequence(int(seed)).generate_state(1)[0] % 2_000_000_000) + 1
+
+
+def _platform(platform, properties=None):
+    if isinstance(platform, openmm.Platform):
+        plat = platform
+    else:
+        plat = openmm.Platform.getPlatformByName(str(platform))
+    props = dict(properties or {})
+    if plat.getName() == "CPU" and "Threads" not in props and "OPENMM_CPU_THREADS" not in os.environ:
+        props["Threads"] = os.environ.get("OMP_NUM_THREADS", "1")
+    return plat, props
+
+
+def _spread_at(pmf_module, s: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(s), chunk):
+            _, sd = pmf_module.mean_and_spread(torch.as_tensor(s[i:i + chunk], dtype=torch.float64))
+            out.append(sd.double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+class CGDynamics:
+    """Langevin dynamics of W independent walkers on the ensemble-mean PMF of a ``pmf.pt``.
+
+    Args:
+        pmf_path: the ``pmf.pt`` (path or loaded PMF).
+        s0: initial CG coordinates [W, d] (radians / nm); a single point [d] gives one walker.
+        temperature: K; None takes the file's. Any other value than the file's raises ValueError.
+        friction: 1/ps. timestep: ps. mass: amu per walker (default kT / (1 nm/ps)^2).
+        platform: OpenMM platform name ("Reference", "CPU", "CUDA", ...) or Platform; properties: its
+            properties (CPU defaults to OMP_NUM_THREADS or 1 thread).
+        seed: random seed for velocities and the integrator (reproducible on Reference/CPU).
+    Attributes: ``simulation`` (openmm.app.Simulation), ``pmf`` (:class:`~openmm_cgflow_plugin.pmf.PMF`),
+    ``n_walkers``, ``s`` (current CG coordinates [W, d], periodic ones in [-pi, pi)).
+    """
+
+    def __init__(self, pmf_path, s0, temperature=None, friction: float = DEFAULT_FRICTION_PER_PS,
+                 timestep: float = DEFAULT_TIMESTEP_PS, platform="Reference", seed: int = 0,
+                 mass: Optional[float] = None, properties: Optional[dict] = None):
+        self.pmf = load_pmf(pmf_path, temperature=temperature)
+        s0 = np.asarray(s0, dtype=np.float64)
+        if s0.ndim == 1 and s0.shape[0] == self.pmf.n_cg:
+            s0 = s0[None, :]
+        if s0.ndim != 2 or s0.shape[1] != self.pmf.n_cg:
+            raise ValueError(f"CG dimension mismatch: s0 has shape {s0.shape} but the PMF has {self.pmf.n_cg} CG "
+                             f"coordinates ({', '.join(self.pmf.cg_names)}); pass s0 as [n_walkers, {self.pmf.n_cg}]")
+        if not np.all(np.isfinite(s0)):
+            raise ValueError("s0 contains NaN or infinite values")
+        if not (friction >= 0 and timestep > 0):
+            raise ValueError("friction must be >= 0 and timestep > 0 (1/ps, ps)")
+        self.n_walkers = s0.shape[0]
+        self.temperature = self.pmf.temperature
+        self.timestep = float(timestep)
+        self.friction = float(friction)
+        system, topology = cg_walker_system(self.pmf, self.n_walkers, mass)
+        integrator = openmm.LangevinMiddleIntegrator(self.temperature * unit.kelvin, self.friction / unit.picosecond,
+                                                     self.timestep * unit.picosecond)
+        integrator.setRandomNumberSeed(integrator_seed(seed))
+        plat, props = _platform(platform, properties)
+        self.simulation = app.Simulation(topology, system, integrator, plat, props)
+        self.simulation.context.setPositions(self._positions(s0))
+        self.simulation.context.setVelocitiesToTemperature(self.temperature * unit.kelvin, integrator_seed(seed + 1))
+
+    def _positions(self, s: np.ndarray) -> np.ndarray:
+        pos = np.zeros((s.shape[0], 3))
+        pos[:, : self.pmf.n_cg] = wrap_periodic(s, self.pmf.periodic)
+        return pos
+
+    @property
+    def context(self) -> openmm.Context:
+        return self.simulation.context
+
+    @property
+    def s(self) -> np.ndarray:
+        """Current CG coordinates [W, d] (periodic ones wrapped into [-pi, pi))."""
+        pos = self.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        return wrap_periodic(np.asarray(pos)[:, : self.pmf.n_cg], self.pmf.periodic)
+
+    @s.setter
+    def s(self, value) -> None:
+        value = np.asarray(value, dtype=np.float64).reshape(self.n_walkers, self.pmf.n_cg)
+        self.context.setPositions(self._positions(value))
+
+    def energy_kT(self) -> float:
+        """Total PMF of all walkers, kT."""
+        e = self.context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        return e / self.pmf.kT
+
+    def spread(self, s: Optional[np.ndarray] = None) -> np.ndarray:
+        """Ensemble spread [W] (kT) at ``s`` (default: the current walkers)."""
+        return self.pmf.mean_and_spread(self.s if s is None else s)[1]
+
+    def run(self, n_steps: int, report_interval: int = 100):
+        """Run ``n_steps`` steps; return (s [F, W, d], spread [F, W] kT) every ``report_interval`` steps.
+
+        F = n_steps // report_interval (any remainder is run after the last frame). Reporters attached to
+        ``simulation.reporters`` run as usual. Positions are re-wrapped into the box at each frame, which
+        keeps float32 platforms accurate on long runs.
+        """
+        n_steps, report_interval = int(n_steps), int(report_interval)
+        if n_steps < 0 or report_interval < 1:
+            raise ValueError("n_steps must be >= 0 and report_interval >= 1")
+        n_frames = n_steps // report_interval
+        d = self.pmf.n_cg
+        s_out = np.empty((n_frames, self.n_walkers, d))
+        spread_out = np.empty((n_frames, self.n_walkers))
+        for f in range(n_frames):
+            self.simulation.step(report_interval)
+            state = self.context.getState(getPositions=True)
+            pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+            s = wrap_periodic(pos[:, :d], self.pmf.periodic)
+            s_out[f] = s
+            spread_out[f] = _spread_at(self.pmf.module, s)
+            if any(self.pmf.periodic):
+                pos[:, :d] = s
+                self.context.setPositions(pos)
+        rest = n_steps - n_frames * report_interval
+        if rest:
+            self.simulation.step(rest)
+        return s_out, spread_out
+
+
+class CGReporter:
+    """OpenMM reporter recording the walkers' CG coordinates and the ensemble spread there to .npz.
+
+    Args:
+        file: output path (.npz), written atomically (temp file + rename) every ``flush_every`` reports
+            and on :meth:`close` (also on garbage collection / context-manager exit).
+        reportInterval: steps between frames.
+        pmf: the ``pmf.pt`` (path, PMF or module) to evaluate the spread with; default: the PMF inside
+            the Simulation's CG-walker TorchForce.
+        dtype: storage dtype of ``s`` and ``spread`` (float32 by default).
+    Usage: ``simulation.reporters.append(CGReporter("walkers.npz", 100))`` ... ``reporter.close()``.
+    """
+
+    def __init__(self, file, reportInterval: int, pmf=None, flush_every: int = 100, dtype=np.float32):
+        self.file = os.fspath(file)
+        self.reportInterval = int(reportInterval)
+        if self.reportInterval < 1:
+            raise ValueError("reportInterval must be >= 1")
+        self.flush_every = max(1, int(flush_every))
+        self.dtype = dtype
+        self._pmf = None if pmf is None else load_pmf(pmf)
+        self._module = None if self._pmf is None else self._pmf.module
+        self._s, self._spread, self._time, self._step = [], [], [], []
+        self._unflushed = 0
+        self._closed = False
+
+    def describeNextReport(self, simulation):
+        steps = self.reportInterval - simulation.currentStep % self.reportInterval
+        # (steps, positions, velocities, forces, energies, wrap): positions, unwrapped (we wrap ourselves).
+        return (steps, True, False, False, False, False)
+
+    def _resolve(self, simulation):
+        if self._module is not None:
+            return
+        module = find_pmf_module(simulation.system)
+        if module is None:
+            raise ValueError("CGReporter: the Simulation has no CG-walker TorchForce; pass pmf= explicitly")
+        self._module = module
+        self._pmf = PMF(module)
+
+    def report(self, simulation, state) -> None:
+        if self._closed:
+            raise RuntimeError("CGReporter.report() after close()")
+        self._resolve(simulation)
+        d = self._pmf.n_cg
+        pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+        s = wrap_periodic(pos[:, :d], self._pmf.periodic)
+        self._s.append(s.astype(self.dtype))
+        self._spread.append(_spread_at(self._module, s).astype(self.dtype))
+        self._time.append(state.getTime().value_in_unit(unit.picosecond))
+        self._step.append(simulation.currentStep)
+        self._unflushed += 1
+        if self._unflushed >= self.flush_every:
+            self.flush()
+
+    @property
+    def n_frames(self) -> int:
+        return len(self._s)
+
+    def arrays(self) -> dict:
+        """The recorded data as a dict of arrays (the npz content)."""
+        d = self._pmf.n_cg if self._pmf is not None else 0
+        s = np.stack(self._s) if self._s else np.zeros((0, 0, d), dtype=self.dtype)
+        spread = np.stack(self._spread) if self._spread else np.zeros((0, 0), dtype=self.dtype)
+        out = {"s": s, "spread": spread, "time_ps": np.asarray(self._time, dtype=np.float64),
+               "step": np.asarray(self._step, dtype=np.int64)}
+        if self._pmf is not None:
+            out.update(cg_names=np.asarray(self._pmf.cg_names), periodic=np.asarray(self._pmf.periodic),
+                       temperature=np.float64(self._pmf.temperature))
+        return out
+
+    def flush(self) -> None:
+        """Write everything recorded so far (atomically)."""
+        folder = os.path.dirname(os.path.abspath(self.file))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".cgreporter-", suffix=".npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, **self.arrays())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.file)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self._unflushed = 0
+
+    def close(self) -> None:
+        if not self._closed:
+            self.flush()
+            self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            if not self._closed and self._unflushed:
+                self.flush()
+        except Exception:
+            pass

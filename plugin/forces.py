@@ -1,0 +1,201 @@
+"""OpenMM forces from a ``pmf.pt``: CG-walker Systems, the all-atom PMF bias, and a CMAP grid export.
+
+Units: positions nm (1 rad of a CG dihedral is read as 1 nm for walkers), energies kJ/mol (the PMF in kT
+times kT of the file's temperature), temperature K.
+
+* :func:`make_torch_force` is the single place a TorchForce is constructed (openmm-torch is imported
+  there, lazily), so another backend (e.g. ``openmm.PythonForce``) can be added without touching callers.
+* :func:`cg_walker_system` builds a System of W independent walkers in CG space driven by the mean PMF.
+* :func:`add_pmf_bias` adds ``factor * A(s(x))`` (kT -> kJ/mol) to an all-atom System, s(x) the CG
+  dihedrals from atom positions; ``factor = -1`` flattens the landscape along s.
+* :func:`pmf_cmap_force` exports a two-dihedral PMF as OpenMM's own ``CMAPTorsionForce`` (bicubic spline
+  on an n x n grid), for users without openmm-torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import openmm
+import openmm.app as app
+import torch
+
+from .modules import CGWalkerEnergy, CGWalkerEnergyPBC, DihedralBias, DihedralBiasPBC
+from .pmf import PMF, load_pmf
+
+__all__ = ["make_torch_force", "cg_walker_system", "walker_mass", "add_pmf_bias", "pmf_cmap_force",
+           "BIAS_PARAMETER", "find_pmf_module"]
+
+#: Name of the global parameter holding the bias factor of :func:`add_pmf_bias` (Context.setParameter).
+BIAS_PARAMETER = "cgflow_bias_factor"
+TWO_PI = 2.0 * math.pi
+
+
+def make_torch_force(module: torch.nn.Module, uses_pbc: bool = False, global_parameters: Optional[dict] = None,
+                     force_group: Optional[int] = None) -> openmm.Force:
+    """A TorchForce running ``module`` (scripted here if needed); energies in kJ/mol, forces by autograd.
+
+    ``module.forward`` receives ``positions`` [n, 3] nm, then the box vectors [3, 3] if ``uses_pbc``, then
+    one scalar tensor per global parameter, in the order of ``global_parameters`` (name -> default).
+    """
+    try:
+        from openmmtorch import TorchForce
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ImportError("openmm-torch is required to run a pmf.pt inside OpenMM (pip install "
+                          "acellera-openmmtorch-cpu, or conda install -c conda-forge openmm-torch); without it "
+                          "use pmf_cmap_force() for a two-dihedral PMF") from exc
+    if not isinstance(module, torch.jit.ScriptModule):
+        module = torch.jit.script(module)
+    force = TorchForce(module)
+    force.setUsesPeriodicBoundaryConditions(bool(uses_pbc))
+    for name, value in (global_parameters or {}).items():
+        force.addGlobalParameter(name, float(value))
+    if force_group is not None:
+        force.setForceGroup(int(force_group))
+    return force
+
+
+def walker_mass(temperature: float) -> float:
+    """Default walker mass in amu: m = kT / (1 nm/ps)^2, so the thermal velocity is 1 rad/ps (or 1 nm/ps).
+
+    With this mass, time is measured in units where an angular frequency sqrt(A'') (A'' the PMF's
+    curvature in kT/rad^2) is in 1/ps, independent of the temperature."""
+    from .pmf import kT_kJmol
+
+    return kT_kJmol(temperature)
+
+
+def cg_walker_system(pmf, n_walkers: int, mass: Optional[float] = None):
+    """(System, Topology) of ``n_walkers`` independent CG walkers driven by the ensemble-mean PMF.
+
+    Each walker is one particle whose first d coordinates are the CG coordinates (radians or nm).
+    If every CG coordinate is periodic the System has a cubic periodic box of side 2 pi (nm = rad) and the
+    TorchForce uses PBC; otherwise there is no box and periodic coordinates are wrapped inside the
+    module. ``mass`` in amu (default :func:`walker_mass`). No CMMotionRemover: walkers are independent.
+    """
+    pmf = load_pmf(pmf)
+    if pmf.n_cg > 3:
+        raise ValueError(f"CG walkers support up to 3 CG coordinates (one particle each); this PMF has {pmf.n_cg}")
+    n_walkers = int(n_walkers)
+    if n_walkers < 1:
+        raise ValueError("n_walkers must be >= 1")
+    m = walker_mass(pmf.temperature) if mass is None else float(mass)
+    if not (m > 0 and math.isfinite(m)):
+        raise ValueError(f"walker mass must be positive, got {mass!r}")
+    system = openmm.System()
+    for _ in range(n_walkers):
+        system.addParticle(m)
+    pbc = all(pmf.periodic)
+    if pbc:
+        system.setDefaultPeriodicBoxVectors(openmm.Vec3(TWO_PI, 0, 0), openmm.Vec3(0, TWO_PI, 0),
+                                            openmm.Vec3(0, 0, TWO_PI))
+        module = CGWalkerEnergyPBC(pmf.module, pmf.n_cg, pmf.periodic, pmf.kT)
+    else:
+        module = CGWalkerEnergy(pmf.module, pmf.n_cg, pmf.periodic, pmf.kT)
+    system.addForce(make_torch_force(module, uses_pbc=pbc))
+    topology = app.Topology()
+    chain = topology.addChain()
+    for w in range(n_walkers):
+        residue = topology.addResidue("CG", chain)
+        topology.addAtom("W", None, residue)
+    if pbc:
+        topology.setPeriodicBoxVectors(system.getDefaultPeriodicBoxVectors())
+    return system, topology
+
+
+def find_pmf_module(system: openmm.System):
+    """The PMF TorchScript module inside the first plugin TorchForce of ``system`` (None if there is none)."""
+    try:
+        from openmmtorch import TorchForce
+    except ImportError:  # pragma: no cover
+        return None
+    for force in system.getForces():
+        if TorchForce.isinstance(force):
+            module = TorchForce.cast(force).getModule()
+            if hasattr(module, "pmf"):
+                return module.pmf
+    return None
+
+
+def add_pmf_bias(system: openmm.System, pmf_path, factor: float = -1.0, temperature=None,
+                 cg_atoms: Optional[Sequence[Sequence[int]]] = None, force_group: Optional[int] = None,
+                 parameter: str = BIAS_PARAMETER) -> openmm.Force:
+    """Add ``factor * kT * A(s(x))`` to an all-atom System as a TorchForce and return the force.
+
+    Args:
+        system: the all-atom ``openmm.System`` (periodic or not); modified in place.
+        pmf_path: a ``pmf.pt`` (path, or a loaded :class:`~openmm_cgflow_plugin.pmf.PMF`).
+        factor: scale of the PMF; -1 flattens the landscape along s (enhanced sampling), +1 adds it.
+            Stored as the global parameter ``parameter`` (change it with ``context.setParameter``).
+        temperature: K of the simulation, checked against the file's (the PMF is in kT at that temperature).
+        cg_atoms: atom quadruples (0-based) of the CG dihedrals in *this* System; default: the file's.
+        force_group: optional force group of the bias (handy for reading the bias energy per frame).
+        parameter: name of the global parameter holding ``factor``.
+    Returns the TorchForce (already added to ``system``).
+    """
+    pmf = load_pmf(pmf_path, temperature=temperature)
+    if not all(pmf.periodic):
+        raise ValueError(f"the all-atom bias needs dihedral CG coordinates; this PMF's coordinates {pmf.cg_names} "
+                         f"are not all periodic (Mueller-Brown-like PMFs run as CG walkers only)")
+    quads = [[int(i) for i in q] for q in (cg_atoms if cg_atoms is not None else pmf.cg_atoms)]
+    if not quads:
+        raise ValueError("this PMF file carries no cg_atoms; pass cg_atoms (one atom quadruple per CG dihedral)")
+    if len(quads) != pmf.n_cg or any(len(q) != 4 for q in quads):
+        raise ValueError(f"CG dimension mismatch: the PMF has {pmf.n_cg} CG coordinates {pmf.cg_names} but cg_atoms "
+                         f"has {len(quads)} entries {quads}; give one atom quadruple per CG coordinate")
+    n = system.getNumParticles()
+    bad = [q for q in quads if any(i < 0 or i >= n for i in q) or len(set(q)) != 4]
+    if bad:
+        raise ValueError(f"cg_atoms {bad} are not four distinct atom indices of this System (0..{n - 1})")
+    factor = float(factor)
+    if not math.isfinite(factor):
+        raise ValueError(f"factor must be finite, got {factor}")
+    pbc = system.usesPeriodicBoundaryConditions()
+    cls = DihedralBiasPBC if pbc else DihedralBias
+    module = cls(pmf.module, quads, pmf.kT)
+    force = make_torch_force(module, uses_pbc=pbc, global_parameters={parameter: factor}, force_group=force_group)
+    system.addForce(force)
+    return force
+
+
+def cmap_grid(pmf, n_grid: int = 24) -> np.ndarray:
+    """Mean PMF (kT) on OpenMM's CMAP grid: [n_grid, n_grid] with entry [i, j] at angles
+    (2 pi i / n, 2 pi j / n), as CMAPTorsionForce.addMap documents (checked against OpenMM 8.6)."""
+    pmf = load_pmf(pmf)
+    a = TWO_PI * np.arange(n_grid) / n_grid
+    g1, g2 = np.meshgrid(a, a, indexing="ij")
+    return pmf.mean(np.stack([g1.ravel(), g2.ravel()], axis=1)).reshape(n_grid, n_grid)
+
+
+def pmf_cmap_force(pmf_path, n_grid: int = 24, factor: float = 1.0, temperature=None,
+                   cg_atoms: Optional[Sequence[Sequence[int]]] = None, xml_path: Optional[str] = None
+                   ) -> openmm.CMAPTorsionForce:
+    """The mean PMF of a two-dihedral ``pmf.pt`` as an ``openmm.CMAPTorsionForce``, energy factor * kT * A.
+
+    OpenMM interpolates the ``n_grid`` x ``n_grid`` map with natural bicubic splines; the grid error
+    falls roughly as h^4 (h = 2 pi / n_grid). ``xml_path`` also saves the force with
+    ``openmm.XmlSerializer`` so it can be added to a System without torch
+    (``system.addForce(XmlSerializer.deserialize(open(path).read()))``). Other arguments as in
+    :func:`add_pmf_bias`.
+    """
+    pmf = load_pmf(pmf_path, temperature=temperature)
+    if pmf.n_cg != 2 or not all(pmf.periodic):
+        raise ValueError(f"a CMAP needs exactly two dihedral CG coordinates; this PMF has {pmf.cg_names} "
+                         f"(periodic {pmf.periodic})")
+    quads = [[int(i) for i in q] for q in (cg_atoms if cg_atoms is not None else pmf.cg_atoms)]
+    if len(quads) != 2 or any(len(q) != 4 for q in quads):
+        raise ValueError("cg_atoms must be two atom quadruples (the file has none; pass cg_atoms)")
+    n_grid = int(n_grid)
+    if n_grid < 4:
+        raise ValueError("n_grid must be >= 4")
+    grid = cmap_grid(pmf, n_grid) * pmf.kT * float(factor)   # kJ/mol, [i (first angle), j (second)]
+    force = openmm.CMAPTorsionForce()
+    # OpenMM: energy[i + size * j] is the energy at (first angle i, second angle j): Fortran order.
+    force.addMap(n_grid, grid.ravel(order="F").tolist())
+    force.addTorsion(0, *quads[0], *quads[1])
+    if xml_path is not None:
+        with open(xml_path, "w") as fh:
+            fh.write(openmm.XmlSerializer.serialize(force))
+    return force

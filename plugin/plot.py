@@ -1,0 +1,138 @@
+"""Plots of a PMF ensemble: Ramachandran-style mean/spread panels (2-D) or mean +- spread (1-D).
+
+matplotlib is imported lazily here (Agg canvas, no display needed). Energies in kT, angles in radians.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .pmf import PMF, load_pmf, wrap_periodic
+
+__all__ = ["plot_pmf", "as_pmf"]
+
+
+def as_pmf(pmf_path_or_model) -> PMF:
+    """A :class:`PMF` from a path, a PMF, or an in-memory module with ``cg_names``/``periodic`` attributes
+    and ``mean_and_spread`` (e.g. an unexported ``openmm_cgflow.ensemble.PMFEnsemble``)."""
+    if isinstance(pmf_path_or_model, PMF):
+        return pmf_path_or_model
+    if isinstance(pmf_path_or_model, torch.nn.Module) and not isinstance(pmf_path_or_model, torch.jit.ScriptModule):
+        for attr in ("cg_names", "periodic", "mean_and_spread"):
+            if not hasattr(pmf_path_or_model, attr):
+                raise ValueError(f"the PMF module has no {attr!r}")
+        pmf = PMF.__new__(PMF)
+        pmf.module, pmf.path = pmf_path_or_model, None
+        pmf.cg_names = [str(n) for n in pmf_path_or_model.cg_names]
+        pmf.periodic = [bool(p) for p in pmf_path_or_model.periodic]
+        pmf.temperature = float(getattr(pmf_path_or_model, "temperature", 0.0))
+        pmf.cg_atoms = [list(q) for q in getattr(pmf_path_or_model, "cg_atoms", [])]
+        pmf.metadata = {}
+        return pmf
+    return load_pmf(pmf_path_or_model)
+
+
+def _ranges(pmf: PMF, points, ranges):
+    if ranges is not None:
+        return [tuple(map(float, r)) for r in ranges]
+    out = []
+    for k in range(pmf.n_cg):
+        if pmf.periodic[k]:
+            out.append((-math.pi, math.pi))
+        elif points is not None and len(points):
+            lo, hi = float(np.min(points[:, k])), float(np.max(points[:, k]))
+            pad = 0.15 * max(hi - lo, 1e-3)
+            out.append((lo - pad, hi + pad))
+        else:
+            out.append(pmf.default_range(k))
+    return out
+
+
+def _label(pmf: PMF, k: int) -> str:
+    return f"{pmf.cg_names[k]} ({'rad' if pmf.periodic[k] else 'nm'})"
+
+
+def plot_pmf(pmf_path_or_model, png_path, points=None, threshold: Optional[float] = None, n_grid: int = 100,
+             ranges: Optional[Sequence[tuple]] = None, vmax: Optional[float] = None, title: Optional[str] = None,
+             dpi: int = 110) -> str:
+    """Write a PNG of the ensemble mean and spread.
+
+    Args:
+        pmf_path_or_model: ``pmf.pt`` path, loaded PMF, or in-memory ensemble module.
+        png_path: output file (folders are created).
+        points: optional CG points [M, d] to overlay (e.g. the labelled points of active learning).
+        threshold: optional spread threshold (kT), drawn as a contour (2-D) or a line (1-D).
+        n_grid: grid points per axis. ranges: per-axis (low, high); periodic axes default to [-pi, pi).
+        vmax: upper limit (kT) of the mean's colour scale (default: min(max, 99th percentile + 2)).
+    2-D: two panels (mean with minimum 0, spread). 1-D: mean with a +-spread band above, spread below.
+    Returns ``png_path``.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    pmf = as_pmf(pmf_path_or_model)
+    if pmf.n_cg not in (1, 2):
+        raise ValueError(f"plot_pmf draws 1-D or 2-D PMFs; this one has {pmf.n_cg} CG coordinates")
+    pts = None
+    if points is not None:
+        pts = wrap_periodic(np.asarray(points, dtype=np.float64).reshape(-1, pmf.n_cg), pmf.periodic)
+    rng = _ranges(pmf, pts, ranges)
+    centres, mean, spread = pmf.grid(n_grid, rng)
+    mean = mean - np.min(mean)
+    fig = Figure(figsize=(11, 4.6) if pmf.n_cg == 2 else (7, 6))
+    FigureCanvasAgg(fig)
+    if pmf.n_cg == 2:
+        top = float(np.percentile(mean, 99)) + 2.0
+        vmax = float(vmax) if vmax is not None else min(float(mean.max()), top)
+        axes = fig.subplots(1, 2)
+        x, y = centres
+        im0 = axes[0].pcolormesh(x, y, np.minimum(mean, vmax).T, shading="auto", cmap="viridis", vmin=0, vmax=vmax)
+        axes[0].contour(x, y, mean.T, levels=np.arange(1, vmax, 2), colors="white", linewidths=0.4, alpha=0.6)
+        fig.colorbar(im0, ax=axes[0], label="mean PMF (kT)")
+        im1 = axes[1].pcolormesh(x, y, spread.T, shading="auto", cmap="magma")
+        fig.colorbar(im1, ax=axes[1], label="ensemble spread (kT)")
+        if threshold is not None and spread.min() < threshold < spread.max():
+            axes[1].contour(x, y, spread.T, levels=[threshold], colors="cyan", linewidths=1.2)
+            axes[0].contour(x, y, spread.T, levels=[threshold], colors="red", linewidths=0.9, linestyles="dashed")
+        for ax, name in zip(axes, ("mean", "spread")):
+            if pts is not None:
+                ax.scatter(pts[:, 0], pts[:, 1], s=3, c="k" if name == "spread" else "w", alpha=0.6, lw=0)
+            ax.set_xlabel(_label(pmf, 0))
+            ax.set_ylabel(_label(pmf, 1))
+            ax.set_xlim(*rng[0])
+            ax.set_ylim(*rng[1])
+            ax.set_aspect("equal" if all(pmf.periodic) else "auto")
+        axes[0].set_title("ensemble mean" + (f" (threshold {threshold:g} kT dashed)" if threshold is not None else ""))
+        axes[1].set_title("ensemble spread" + (f", {threshold:g} kT contour" if threshold is not None else ""))
+    else:
+        x = centres[0]
+        ax0, ax1 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+        ax0.plot(x, mean, color="C0", label="ensemble mean")
+        ax0.fill_between(x, mean - spread, mean + spread, color="C0", alpha=0.3, label="mean +- spread")
+        ax0.set_ylabel("PMF (kT)")
+        if vmax is not None:
+            ax0.set_ylim(top=vmax)
+        ax1.plot(x, spread, color="C3")
+        ax1.set_ylabel("spread (kT)")
+        ax1.set_xlabel(_label(pmf, 0))
+        if threshold is not None:
+            ax1.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g} kT")
+            ax1.legend(loc="upper right", fontsize=8)
+        if pts is not None:
+            for ax in (ax0, ax1):
+                ax.plot(pts[:, 0], np.zeros(len(pts)), "|", color="k", ms=8, alpha=0.5,
+                        transform=ax.get_xaxis_transform())
+        ax0.legend(loc="upper right", fontsize=8)
+        ax1.set_xlim(*rng[0])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    png_path = os.fspath(png_path)
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path, dpi=dpi)
+    return png_path

@@ -1,0 +1,167 @@
+"""Active learning end to end on Mueller-Brown (real OpenMM energies, real TorchForce walkers), the CLI's
+input checks, and crash/resume (SIGKILL) repeatability."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from openmm_cgflow.active_learning import LearnerSettings, PMFLearner, farthest_points, neighbourhood, periodic_distance
+from openmm_cgflow.metrics import mb_bin_centres
+
+SEED = 3
+CLI = [sys.executable, "-m", "openmm_cgflow.cli"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def _run_cli(*args, timeout=300):
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def _pmf_on_grid(run_dir):
+    from openmm_cgflow_plugin import load_pmf
+
+    pmf = load_pmf(os.path.join(run_dir, "pmf.pt"))
+    return np.asarray(pmf.mean_and_spread(mb_bin_centres()[:, None])[0])
+
+
+def _records(run_dir):
+    with open(os.path.join(run_dir, "iterations.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.fixture(scope="module")
+def mb_run(tmp_path_factory):
+    """An uninterrupted seeded Mueller-Brown run through the CLI, from the upper-left basin only."""
+    out = tmp_path_factory.mktemp("mb") / "run"
+    t0 = time.perf_counter()
+    res = _run_cli("run", "mueller-brown", "--out", str(out), "--seed", str(SEED), "--quiet")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, time.perf_counter() - t0, res.stdout
+
+
+def test_mueller_brown_stops_by_itself_with_small_kld(mb_run):
+    out, wall, stdout = mb_run
+    recs = _records(out)
+    assert recs[-1]["converged"], stdout
+    assert recs[-1]["uncertain_found"] == 0
+    # started in the upper-left basin (s = x - y = -2.0) only ...
+    first = recs[0]
+    assert first["iteration"] == 0
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert np.all(np.abs(ck["points"][: first["new_points"], 0] + 2.0) <= 0.25 + 1e-9)
+    # ... and found the whole PMF: forward KLD to the quadrature PMF on 100 bins of [-2.5, 1.1]
+    assert recs[-1]["kld"] <= 1e-3, [r["kld"] for r in recs]
+    assert ck["points"][:, 0].max() > 0.4  # reached the lower-right basin (s ~ 0.6)
+    for key in ("energy_evaluations", "cg_points", "max_spread_kT", "mean_spread_kT", "mean_ess", "wall_s"):
+        assert key in recs[-1]
+    assert (out / "pmf.pt").exists() and (out / "flow.pt").exists()
+    assert any(p.suffix == ".png" for p in (out / "plots").iterdir())
+    print(f"Mueller-Brown active learning: {len(recs)} iterations, {recs[-1]['energy_evaluations']} evaluations, "
+          f"KLD {recs[-1]['kld']:.2e}, {wall:.0f} s")
+
+
+def test_sigkill_mid_iteration_then_resume_gives_the_same_pmf(mb_run, tmp_path):
+    reference_out = mb_run[0]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(CLI + ["run", "mueller-brown", "--out", str(out), "--seed", str(SEED), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        deadline = time.time() + 240
+        while not (out / "iterations.jsonl").exists():  # first iteration finished
+            assert proc.poll() is None, "run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(1.5)  # well inside the second iteration
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    n_done = len(_records(out))
+    assert n_done < len(_records(reference_out)), "the kill came too late to interrupt the run"
+    res = _run_cli("run", "mueller-brown", "--out", str(out), "--seed", str(SEED), "--quiet")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming" in res.stdout
+    a, b = _pmf_on_grid(out), _pmf_on_grid(reference_out)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
+    ra, rb = _records(out), _records(reference_out)
+    assert [r["energy_evaluations"] for r in ra] == [r["energy_evaluations"] for r in rb]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "no-such-molecule", "--out", "{tmp}/x"], "unknown system"),
+    (["run", "mueller-brown", "--out", "{tmp}/x", "--threshold", "0"], "threshold"),
+    (["run", "mueller-brown", "--out", "{tmp}/x", "--threshold", "-1"], "threshold"),
+    (["run", "{tmp}/missing.toml", "--out", "{tmp}/x"], "not found"),
+    (["run", "mueller-brown", "--out", "/proc/forbidden/run"], "output directory"),
+    (["backmap", "{tmp}/no-run", "{tmp}/cg.npy", "-o", "{tmp}/out.dcd"], "not found"),
+])
+def test_bad_input_fails_fast_with_a_clear_error(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    t0 = time.perf_counter()
+    res = _run_cli(*args, timeout=120)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "x" / "checkpoint.pt").exists()
+    assert time.perf_counter() - t0 < 60
+
+
+def test_bad_config_file_keys(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[system]\nbuiltin = "mueller-brown"\n[settings]\nthreshold = 0.3\n')
+    res = _run_cli("run", str(cfg), "--out", str(tmp_path / "x"))
+    assert res.returncode == 2 and "unknown setting" in res.stderr
+    cfg.write_text('[system]\npdb = "nothere.pdb"\ncg = ["phi:ALA", "psi:ALA"]\n')
+    res = _run_cli("run", str(cfg), "--out", str(tmp_path / "x"))
+    assert res.returncode == 2 and "nothere.pdb" in res.stderr
+
+
+class _NaNAbove:
+    """Energy object that returns NaN energies for configurations with x > x_max (a broken force field)."""
+
+    def __init__(self, bridge, x_max):
+        self.bridge, self.x_max = bridge, x_max
+
+    @property
+    def n_evaluations(self):
+        return self.bridge.n_evaluations
+
+    def energy(self, x):
+        u = self.bridge.energy(x)
+        return torch.where(x[:, 0, 0] > self.x_max, torch.full_like(u, float("nan")), u)
+
+    def close(self):
+        self.bridge.close()
+
+
+def test_nan_energies_never_reach_labels_or_the_exported_pmf(tmp_path, mb):
+    st = LearnerSettings.for_system(mb, first_epochs=20, max_iterations=1, seed=0, n_workers=0)
+    learner = PMFLearner(mb, tmp_path / "run", st, progress=False, plots=False)
+    learner._bridge = _NaNAbove(learner.bridge, x_max=-0.6)  # about half of each flow sample set is NaN
+    learner.pending = learner.initial_points()
+    rec = learner.step(explore=False)
+    assert np.all(np.isfinite(learner.labels["A"])) and np.all(np.isfinite(learner.labels["stderr"]))
+    assert rec["mean_ess"] < 1.0
+    mean = _pmf_on_grid(tmp_path / "run")
+    assert np.all(np.isfinite(mean))
+    for p in learner.flow.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_point_selection_is_periodic():
+    rng = np.random.default_rng(0)
+    a, b = np.array([3.1, 0.0]), np.array([-3.1, 0.0])
+    assert periodic_distance(a, b, [True, True]) == pytest.approx(2 * np.pi - 6.2)
+    assert periodic_distance(a, b, [False, True]) == pytest.approx(6.2)
+    pts = np.array([[3.1, 0.0], [-3.1, 0.0], [0.0, 0.0]])  # the first two are neighbours on the torus
+    idx = farthest_points(pts, 2, [True, True], rng, existing=np.array([[3.0, 0.0]]))
+    assert 2 in idx
+    nb = neighbourhood(np.array([[3.0, -3.0]]), 500, 0.6, [True, True], rng)
+    assert np.all(nb >= -np.pi) and np.all(nb < np.pi)
+    assert np.all(periodic_distance(nb, np.array([3.0, -3.0]), [True, True]) <= 0.6 + 1e-12)
