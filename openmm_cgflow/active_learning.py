@@ -51,7 +51,8 @@ class LearnerSettings:
 
     Exploration: ``threshold_kT`` spread that marks a CG point as uncertain; ``n_walkers`` CG walkers per
     iteration, each given at most ``walker_steps`` Langevin steps (timestep ``walker_timestep_ps``),
-    checked every ``report_interval`` steps; ``new_centres`` diverse uncertain points per iteration, each
+    checked every ``report_interval`` steps, at ``walker_temperature_factor`` times the system temperature
+    (they sample exp(-A / factor): a flattened PMF, so they reach the uncertain frontier sooner); ``new_centres`` diverse uncertain points per iteration, each
     broadened to ``points_per_centre`` points uniform in a ball of ``radius``; ``domain`` (lo, hi) per
     non-periodic CG dim, outside of which nothing is explored.
     Start: ``initial_points`` in a ball of ``initial_radius`` around ``start`` (default: the CG
@@ -68,6 +69,7 @@ class LearnerSettings:
     n_walkers: int = 100
     walker_steps: int = 20_000
     walker_timestep_ps: float | None = None
+    walker_temperature_factor: float = 2.0
     report_interval: int = 100
     new_centres: int = 15
     points_per_centre: int = 20
@@ -120,6 +122,8 @@ class LearnerSettings:
                      "max_iterations"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.walker_temperature_factor > 0 and math.isfinite(self.walker_temperature_factor)):
+            raise ValueError(f"walker_temperature_factor must be > 0, got {self.walker_temperature_factor}")
         if self.radius <= 0 or self.initial_radius <= 0:
             raise ValueError("radius and initial_radius must be > 0")
         if not 0.0 <= self.replay_fraction <= 1.0:
@@ -486,7 +490,9 @@ class PMFLearner:
         st = self.settings
         newest = self.points[-len(self.pending):] if self.pending is not None else self.points
         s0 = newest[rng.choice(len(newest), size=st.n_walkers, replace=len(newest) < st.n_walkers)]
-        kwargs = {} if st.walker_timestep_ps is None else {"timestep": st.walker_timestep_ps}
+        kwargs = {"sampling_temperature": st.walker_temperature_factor * self.cgsystem.temperature}
+        if st.walker_timestep_ps is not None:
+            kwargs["timestep"] = st.walker_timestep_ps
         dyn = CGDynamics(self.pmf_path, s0, seed=int(rng.integers(1, 2**30)), **kwargs)
         active = np.ones(st.n_walkers, dtype=bool)
         found, max_spread, spread_sum, n_frames = [], 0.0, 0.0, 0

@@ -77,13 +77,17 @@ class CGDynamics:
         platform: OpenMM platform name ("Reference", "CPU", "CUDA", ...) or Platform; properties: its
             properties (CPU defaults to OMP_NUM_THREADS or 1 thread).
         seed: random seed for velocities and the integrator (reproducible on Reference/CPU).
+        sampling_temperature: K of the Langevin thermostat (default: the file's temperature). The PMF stays
+            the one of the file; a higher value samples exp(-A * T / T_sampling), i.e. explores a flattened
+            landscape (used by active learning to reach uncertain regions sooner).
     Attributes: ``simulation`` (openmm.app.Simulation), ``pmf`` (:class:`~openmm_cgflow_plugin.pmf.PMF`),
     ``n_walkers``, ``s`` (current CG coordinates [W, d], periodic ones in [-pi, pi)).
     """
 
     def __init__(self, pmf_path, s0, temperature=None, friction: float = DEFAULT_FRICTION_PER_PS,
                  timestep: float = DEFAULT_TIMESTEP_PS, platform="Reference", seed: int = 0,
-                 mass: Optional[float] = None, properties: Optional[dict] = None):
+                 mass: Optional[float] = None, properties: Optional[dict] = None,
+                 sampling_temperature: Optional[float] = None):
         self.pmf = load_pmf(pmf_path, temperature=temperature)
         s0 = np.asarray(s0, dtype=np.float64)
         if s0.ndim == 1 and s0.shape[0] == self.pmf.n_cg:
@@ -97,16 +101,25 @@ class CGDynamics:
             raise ValueError("friction must be >= 0 and timestep > 0 (1/ps, ps)")
         self.n_walkers = s0.shape[0]
         self.temperature = self.pmf.temperature
+        if sampling_temperature is not None:
+            if unit.is_quantity(sampling_temperature):
+                sampling_temperature = sampling_temperature.value_in_unit(unit.kelvin)
+            if not (math.isfinite(float(sampling_temperature)) and float(sampling_temperature) > 0):
+                raise ValueError(f"sampling_temperature must be a positive number of kelvin, got {sampling_temperature}")
+            self.sampling_temperature = float(sampling_temperature)
+        else:
+            self.sampling_temperature = self.temperature
         self.timestep = float(timestep)
         self.friction = float(friction)
         system, topology = cg_walker_system(self.pmf, self.n_walkers, mass)
-        integrator = openmm.LangevinMiddleIntegrator(self.temperature * unit.kelvin, self.friction / unit.picosecond,
+        integrator = openmm.LangevinMiddleIntegrator(self.sampling_temperature * unit.kelvin, self.friction / unit.picosecond,
                                                      self.timestep * unit.picosecond)
         integrator.setRandomNumberSeed(integrator_seed(seed))
         plat, props = _platform(platform, properties)
         self.simulation = app.Simulation(topology, system, integrator, plat, props)
         self.simulation.context.setPositions(self._positions(s0))
-        self.simulation.context.setVelocitiesToTemperature(self.temperature * unit.kelvin, integrator_seed(seed + 1))
+        self.simulation.context.setVelocitiesToTemperature(self.sampling_temperature * unit.kelvin,
+                                                           integrator_seed(seed + 1))
 
     def _positions(self, s: np.ndarray) -> np.ndarray:
         pos = np.zeros((s.shape[0], 3))
