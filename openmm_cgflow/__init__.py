@@ -27,7 +27,8 @@ _EXPORTS = {
     "export_pmf": "ensemble",
     "backmap": "backmap",
     "backmap_file": "backmap",
-    "weighted_average": "backmap",
+    "weighted_estimate": "backmap",
+    "weighted_histogram": "backmap",
     "save_model": "model_io",
     "load_model": "model_io",
 }

@@ -3,8 +3,9 @@
 One iteration (Schopmans & Friederich, ICML 2024):
 
 1. train the conditional flow q(fine | s) by energy at the pending CG points plus a replayed share of the
-   earlier ones (so it does not forget);
-2. free-energy labels A(s) (kT) at the pending points by importance sampling of the flow;
+   earlier ones (so it does not forget), replaying preferentially the points whose labels had a low ESS;
+2. free-energy labels A(s) (kT) at the pending points by importance sampling of the flow; the replayed
+   points are relabelled and keep whichever label has the higher effective sample size;
 3. fit the PMF ensemble to all labels so far and export it to ``pmf.pt`` (TorchScript);
 4. run CG walkers in OpenMM on the exported PMF (``openmm_cgflow_plugin.CGDynamics``) from the newest
    points until they reach points where the ensemble spread exceeds the threshold (default 0.2 kT);
@@ -43,6 +44,7 @@ __all__ = ["LearnerSettings", "PMFLearner", "farthest_points", "neighbourhood", 
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "openmm-cgflow-checkpoint/1"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -57,7 +59,9 @@ class LearnerSettings:
     non-periodic CG dim, outside of which nothing is explored.
     Start: ``initial_points`` in a ball of ``initial_radius`` around ``start`` (default: the CG
     coordinates of the system's reference structure).
-    Flow: ``flow_kwargs`` for :func:`~openmm_cgflow.flow.flow_for`; trained for ``first_epochs`` then
+    Flow: ``flow_kwargs`` for :func:`~openmm_cgflow.flow.flow_for`, parameters in ``flow_dtype``
+    ("float32": 1.6x the training throughput of "float64" for alanine dipeptide, see benchmarks/RESULTS.md;
+    energies, Jacobians and labels are float64 either way); trained for ``first_epochs`` then
     ``epochs`` per iteration at the pending points plus ``replay_fraction`` of the earlier ones, with
     ``samples_per_point`` samples per point per epoch, ``points_per_batch`` points per step, learning rate
     ``lr`` decaying to ``lr_final`` within each iteration, ``forward_weight`` (see the Trainer).
@@ -79,6 +83,7 @@ class LearnerSettings:
     initial_points: int = 200
     initial_radius: float = 0.6
     flow_kwargs: dict = field(default_factory=dict)
+    flow_dtype: str = "float32"
     first_epochs: int = 60
     epochs: int = 30
     samples_per_point: int = 16
@@ -105,7 +110,7 @@ class LearnerSettings:
                 domain=[[-2.5, 1.1]], radius=0.12, initial_radius=0.25, initial_points=40, new_centres=4,
                 points_per_centre=10, n_walkers=50, walker_steps=4_000, report_interval=20,
                 first_epochs=150, epochs=100, samples_per_point=8, lr=3e-3, lr_final=3e-5, drop_worst=0,
-                label_samples=1000,
+                label_samples=1000, flow_dtype="float64",
             )
         base.update(overrides)
         unknown = set(base) - {f.name for f in dataclasses.fields(cls)}
@@ -124,6 +129,8 @@ class LearnerSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.walker_temperature_factor > 0 and math.isfinite(self.walker_temperature_factor)):
             raise ValueError(f"walker_temperature_factor must be > 0, got {self.walker_temperature_factor}")
+        if self.flow_dtype not in _DTYPES:
+            raise ValueError(f"flow_dtype must be one of {sorted(_DTYPES)}, got {self.flow_dtype!r}")
         if self.radius <= 0 or self.initial_radius <= 0:
             raise ValueError("radius and initial_radius must be > 0")
         if not 0.0 <= self.replay_fraction <= 1.0:
@@ -253,7 +260,7 @@ class PMFLearner:
         self.log = print if progress else (lambda *a, **k: None)
 
         st = self.settings
-        self.flow = flow_for(cgsystem, seed=st.seed, **st.flow_kwargs)
+        self.flow = flow_for(cgsystem, dtype=_DTYPES[st.flow_dtype], seed=st.seed, **st.flow_kwargs)
         self._bridge = None
         self.trainer = None
         # state (all that a checkpoint holds)
@@ -408,10 +415,14 @@ class PMFLearner:
         # 1. flow by energy at the new points + replay
         trainer = self._trainer()
         trainer.generator = gen
-        if len(self.points):
-            n_replay = int(round(st.replay_fraction * len(new)))
-            replay = self.points[rng.choice(len(self.points), size=min(n_replay, len(self.points)), replace=False)]
-            train_pts = np.concatenate([new, replay])
+        replay_idx = np.zeros(0, dtype=int)
+        if len(self.label_s):
+            # Replay earlier labelled points, preferring those whose label had a low ESS: training there
+            # again and relabelling (below) repairs the labels of the first, least trained iterations.
+            n_replay = min(int(round(st.replay_fraction * len(new))), len(self.label_s))
+            p = 1.05 - np.clip(self.labels["ess"], 0.0, 1.0)
+            replay_idx = rng.choice(len(self.label_s), size=n_replay, replace=False, p=p / p.sum())
+            train_pts = np.concatenate([new, self.label_s[replay_idx]])
         else:
             train_pts = new
         epochs = st.first_epochs if k == 0 else st.epochs
@@ -419,8 +430,17 @@ class PMFLearner:
         trainer.train_by_energy(train_pts, epochs, lr_final=st.lr_final)
         _check_finite_parameters(self.flow)
 
-        # 2. labels at the new points
+        # 2. labels at the new points; replayed points are relabelled and keep the label with the higher ESS
         labels = free_energy(self.flow, self.cgsystem, self.bridge, new, st.label_samples, generator=gen)
+        n_relabelled = 0
+        if len(replay_idx):
+            again = free_energy(self.flow, self.cgsystem, self.bridge, self.label_s[replay_idx], st.label_samples,
+                                generator=gen)
+            better = np.isfinite(again.A) & np.isfinite(again.stderr) & (again.ess_fraction > self.labels["ess"][replay_idx])
+            for key, val in (("A", again.A), ("stderr", again.stderr), ("ess", again.ess_fraction)):
+                self.labels[key][replay_idx[better]] = val[better]
+            self.labels["iteration"][replay_idx[better]] = k
+            n_relabelled = int(better.sum())
         good = np.isfinite(labels.A) & np.isfinite(labels.stderr)
         self.points = np.concatenate([self.points, new])
         self.label_s = np.concatenate([self.label_s, labels.s[good]])
@@ -440,9 +460,10 @@ class PMFLearner:
         # 4. + 5. explore with CG walkers, choose the next points
         n_wrong = int(labels.n_wrong_chirality.sum())
         record = {"iteration": k, "cg_points": int(len(self.points)), "labels": int(len(self.label_s)),
-                  "new_points": int(len(new)), "dropped_labels": int((~good).sum()),
+                  "new_points": int(len(new)), "dropped_labels": int((~good).sum()), "relabelled": n_relabelled,
                   "mean_ess": float(np.mean(labels.ess_fraction)),
                   "min_ess": float(np.min(labels.ess_fraction)),
+                  "mean_ess_all_labels": float(np.mean(self.labels["ess"])),
                   "wrong_chirality_fraction": n_wrong / float(labels.n_samples * len(new))}
         if explore:
             found, spread_stats = self._explore(rng)

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -311,7 +313,7 @@ def _frame_logsumexp(lw: np.ndarray) -> np.ndarray:
 def iter_backmap(
     cg,
     flow,
-    cgsystem,
+    cgsystem=None,
     n_per_frame: int = 1,
     bridge=None,
     keep_wrong_chirality: bool = False,
@@ -330,10 +332,13 @@ def iter_backmap(
     """
     from tqdm.auto import tqdm
 
+    flow, cgsystem, _ = _resolve_model(flow, cgsystem)
     frames = cg_frames(cg, cgsystem)
     n = int(n_per_frame)
     if n < 1:
         raise ValueError(f"n_per_frame must be >= 1, got {n_per_frame}")
+    if len(frames) == 0:
+        raise ValueError("no CG frames to backmap (the input is empty)")
     coords = cgsystem.coordinates
     if flow.n_fine != coords.n_fine or flow.n_cg != cgsystem.n_cg:
         raise ValueError(
@@ -356,22 +361,27 @@ def iter_backmap(
         bridge = EnergyBridge(cgsystem.system, cgsystem.temperature, n_workers=n_workers)
     was_training = flow.training
     flow.eval()
-    per_chunk = max(1, int(batch_size) // n)
+    batch_size = max(1, int(batch_size))
+    per_chunk = max(1, batch_size // n)
     bar = tqdm(total=len(frames), unit="frame", desc="backmap", disable=not progress, leave=False)
     try:
         for f0 in range(0, len(frames), per_chunk):
             f1 = min(len(frames), f0 + per_chunk)
             nf = f1 - f0
             s64 = torch.as_tensor(frames.s[f0:f1]).repeat_interleave(n, dim=0)
-            x, lw, nonfinite, wrong = _draw(flow, coords, bridge, s64, generator, proposal_scale)
-            x, lw = x.cpu().numpy(), lw.cpu().numpy()
-            nonfinite, wrong = nonfinite.cpu().numpy(), wrong.cpu().numpy()
+            # flow passes of at most batch_size samples (n_per_frame > batch_size: one frame in pieces)
+            parts = [_draw(flow, coords, bridge, s64[i : i + batch_size], generator, proposal_scale)
+                     for i in range(0, len(s64), batch_size)]
+            x, lw, nonfinite, wrong = (torch.cat([p[k] for p in parts]).cpu().numpy() for k in range(4))
+            del parts, s64
             usable = ~nonfinite & ~wrong
             lw_use = np.where(usable, lw, -np.inf).reshape(nf, n)
             lse = _frame_logsumexp(lw_use)
-            with np.errstate(invalid="ignore"):
-                lw_norm = (lw_use - np.where(np.isfinite(lse), lse, 0.0)[:, None]).reshape(-1)
-                ess = np.where(np.isfinite(lse), 1.0 / np.exp(2.0 * lw_use - 2.0 * np.where(np.isfinite(lse), lse, 0.0)[:, None]).sum(axis=1), 0.0)
+            has = np.isfinite(lse)
+            lse0 = np.where(has, lse, 0.0)[:, None]
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                lw_norm = (lw_use - lse0).reshape(-1)
+                ess = np.where(has, 1.0 / np.exp(2.0 * (lw_use - lse0)).sum(axis=1), 0.0)
             keep = ~nonfinite & (usable | keep_wrong_chirality)
             xk = x[keep]
             if atoms is not None and len(xk):
@@ -452,7 +462,7 @@ class BackmapResult:
 def backmap(
     cg,
     flow,
-    cgsystem,
+    cgsystem=None,
     n_per_frame: int = 1,
     bridge=None,
     keep_wrong_chirality: bool = False,
@@ -471,8 +481,9 @@ def backmap(
         cg: CG coordinates: an array of s ([F, n_cg], [F, walkers, n_cg] as the plugin's reporter writes,
             or [F] when n_cg = 1; radians / nm), an ``mdtraj.Trajectory`` of the whole molecule, or a path
             (see :func:`load_cg`).
-        flow: trained :class:`~openmm_cgflow.flow.ConditionalFlow` q(fine | s).
-        cgsystem: the :class:`~openmm_cgflow.systems.CGSystem` the flow belongs to.
+        flow: trained :class:`~openmm_cgflow.flow.ConditionalFlow` q(fine | s); or, with ``cgsystem`` None,
+            a run directory / ``flow.pt`` (:func:`openmm_cgflow.model_io.load_model`) or a (flow, cgsystem) pair.
+        cgsystem: the :class:`~openmm_cgflow.systems.CGSystem` the flow belongs to (None: from ``flow``).
         n_per_frame: flow samples per CG frame.
         bridge: energy object with ``energy(x [B, n, 3] nm) -> u [B] kT`` (an EnergyBridge); None creates an
             EnergyBridge with ``n_workers`` worker processes (None: one per core; 0: in-process).
@@ -480,13 +491,18 @@ def backmap(
         align: superpose molecules onto the reference structure (centred on the alignment atoms' centroid):
             True/'heavy' (heavy atoms), 'all', atom indices, or None/False (seed frame of the internal
             coordinates).
-        batch_size: samples per chunk (bounds memory).
+        batch_size: samples per chunk and per flow pass (bounds the working memory; the result itself
+            is held in memory: use :func:`backmap_file` for long trajectories).
         seed / generator: randomness of the flow samples (same seed, same samples).
+        n_workers: energy worker processes when ``bridge`` is None.
         progress: tqdm progress bar over CG frames.
+        proposal_scale: widen the flow's Gaussian base dims by this factor (a heavier-tailed importance
+            proposal; 1 samples the flow itself). The weights stay exact either way.
     Returns a :class:`BackmapResult`.
     """
     import mdtraj as md
 
+    flow, cgsystem, _ = _resolve_model(flow, cgsystem)
     frames = cg_frames(cg, cgsystem)
     parts = list(iter_backmap(frames, flow, cgsystem, n_per_frame, bridge, keep_wrong_chirality, align,
                               batch_size, seed, generator, n_workers, progress, proposal_scale))
@@ -522,8 +538,11 @@ def backmap(
 class TrajectoryWriter:
     """Append frames to a DCD, XTC, HDF5 (.h5, needs PyTables) or multi-model PDB file through mdtraj.
 
-    Written to ``path + '.partial'`` and renamed to ``path`` by :meth:`close` (a crash never leaves a
-    truncated file under the final name). Positions in nm; ``time_ps`` is stored where the format has it.
+    Written to ``<stem>.partial<ext>`` and renamed to ``path`` by :meth:`close` (a crash never leaves a
+    truncated file under the final name). Positions in nm; ``time_ps`` is stored where the format has it
+    (HDF5, XTC). Precision: DCD and HDF5 store float32 (CG dihedrals of the written structures within
+    ~1e-6 rad of the input s); PDB keeps 0.001 A and XTC 0.001 nm (lossy, ~1e-3 to 1e-2 rad in the
+    dihedrals): use DCD or HDF5 where the exact CG coordinates matter.
     """
 
     def __init__(self, path, topology):
@@ -543,7 +562,8 @@ class TrajectoryWriter:
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"output directory does not exist: {directory}")
         self.topology = topology
-        self._tmp = self.path + ".partial"
+        root, _ = os.path.splitext(self.path)
+        self._tmp = root + ".partial" + self.ext
         self.n_frames = 0
         fmt = md.formats
         if self.ext == ".dcd":
@@ -639,15 +659,21 @@ class BackmapSummary:
         return "\n".join(lines)
 
 
-def _resolve_model(model):
-    """(flow, cgsystem, path) from a run directory, a model file, or a (flow, cgsystem) pair."""
+def _resolve_model(model, cgsystem=None):
+    """(flow, cgsystem, path) from a flow and its CGSystem, a run directory, a model file, or a
+    (flow, cgsystem) pair."""
+    if cgsystem is not None:
+        return model, cgsystem, None
     if isinstance(model, (tuple, list)) and len(model) == 2:
         return model[0], model[1], None
-    from .model_io import load_model
+    if isinstance(model, (str, os.PathLike)):
+        from .model_io import load_model
 
-    path = os.fspath(model)
-    flow, cgsystem = load_model(path)
-    return flow, cgsystem, path
+        path = os.fspath(model)
+        flow, cgsystem = load_model(path)
+        return flow, cgsystem, path
+    raise TypeError("pass the CGSystem the flow belongs to (cgsystem=...), or give a run directory / flow.pt "
+                    "path or a (flow, cgsystem) pair instead of the flow")
 
 
 def backmap_file(
@@ -912,3 +938,15 @@ def weighted_histogram(values, log_weights, frame=None, bins=50, range=None, log
         width = np.diff(edges)
         return p / width, se / width, edges
     return p, se, edges
+
+
+class _CallableModule(types.ModuleType):
+    """``openmm_cgflow.backmap`` is both this module and the function :func:`backmap`: the package exports
+    the function under the module's name, and whichever of the two an import order leaves on the package,
+    ``from openmm_cgflow import backmap; backmap(cg, flow, cgsystem)`` works."""
+
+    def __call__(self, *args, **kwargs):
+        return backmap(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -112,6 +112,9 @@ def _cmd_run(args) -> int:
                  "max_evaluations": args.max_evaluations, "n_workers": args.workers}
     learner = build_learner(args.target, args.out, overrides, reference=args.reference, progress=not args.quiet,
                             plots=not args.no_plots)
+    if learner.iteration and args.quiet:
+        print(f"resuming {learner.out_dir} after iteration {learner.iteration - 1} "
+              f"({learner.evaluations:,} energy evaluations so far)")
     learner.run()
     last = learner.history[-1] if learner.history else {}
     print(f"{learner.cgsystem.name}: {learner.iteration} iterations, {learner.evaluations:,} energy evaluations, "
@@ -125,8 +128,15 @@ def _cmd_run(args) -> int:
 def _cmd_backmap(args) -> int:
     from .backmap import backmap_file
 
-    backmap_file(args.run, args.cg_file, args.output, n_per_frame=args.per_frame,
-                 keep_wrong_chirality=args.keep_d, seed=args.seed, progress=not args.quiet)
+    if args.per_frame < 1:
+        raise ValueError(f"--per-frame must be >= 1, got {args.per_frame}")
+    try:
+        summary = backmap_file(args.run, args.cg_file, args.output, n_per_frame=args.per_frame,
+                               keep_wrong_chirality=args.keep_d, seed=args.seed, progress=not args.quiet,
+                               n_workers=args.workers, batch_size=args.batch_size)
+    except ImportError as exc:  # e.g. PyTables for .h5 output
+        raise ValueError(str(exc)) from exc
+    print(summary)
     return 0
 
 
@@ -151,11 +161,15 @@ def main(argv=None) -> int:
     bm = sub.add_parser("backmap", help="CG trajectory -> Boltzmann-weighted all-atom trajectory")
     bm.add_argument("run", help="run directory (or its flow.pt)")
     bm.add_argument("cg_file", help="CG frames: reporter .npz, .npy / .txt array of s, or an all-atom trajectory")
-    bm.add_argument("-o", "--output", required=True, help="output trajectory (.dcd, .pdb, .h5); weights go to OUTPUT.weights.npz")
-    bm.add_argument("-n", "--per-frame", type=int, default=1, help="all-atom samples per CG frame")
-    bm.add_argument("--keep-d", action="store_true", help="keep samples with the wrong chirality (flagged)")
-    bm.add_argument("--seed", type=int, default=0)
-    bm.add_argument("--quiet", action="store_true")
+    bm.add_argument("-o", "--output", required=True,
+                    help="output trajectory (.dcd, .h5, .pdb, .xtc); weights go to OUTPUT.weights.npz")
+    bm.add_argument("-n", "--per-frame", type=int, default=1, help="all-atom samples per CG frame (default 1)")
+    bm.add_argument("--keep-d", action="store_true",
+                    help="keep samples with the wrong chirality (flagged, weight zero) instead of dropping them")
+    bm.add_argument("--seed", type=int, default=0, help="seed of the flow samples (default 0)")
+    bm.add_argument("--workers", type=int, help="OpenMM worker processes for energies (default: one per core)")
+    bm.add_argument("--batch-size", type=int, default=4096, help="samples per chunk (bounds memory; default 4096)")
+    bm.add_argument("--quiet", action="store_true", help="no progress bar")
     bm.set_defaults(func=_cmd_backmap)
 
     args = parser.parse_args(argv)

@@ -141,6 +141,15 @@ class CGDynamics:
         value = np.asarray(value, dtype=np.float64).reshape(self.n_walkers, self.pmf.n_cg)
         self.context.setPositions(self._positions(value))
 
+    def swap_pmf(self, pmf_path) -> None:
+        """Continue on a refined ``pmf.pt`` (same CG coordinates and temperature), keeping the walkers'
+        positions and velocities (see :func:`openmm_cgflow_plugin.swap_pmf`)."""
+        from .swap import swap_pmf
+
+        new = load_pmf(pmf_path, expected_cg=self.pmf.cg_names, temperature=self.temperature)
+        swap_pmf(self.simulation, new)
+        self.pmf = new
+
     def energy_kT(self) -> float:
         """Total PMF of all walkers, kT."""
         e = self.context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
