@@ -15,7 +15,7 @@ One iteration (Schopmans & Friederich, ICML 2024):
 The run stops by itself when the walkers find no point above the threshold within their CG-step budget
 (no ground truth needed), or on the iteration / energy-evaluation budgets. Every iteration is written to
 the run directory atomically (``pmf.pt``, ``flow.pt``, ``checkpoint.pt``, ``iterations.jsonl``,
-``plots/``); running again with the same directory resumes after the last finished iteration, and the
+``plots/``, and each iteration's ensemble as ``pmfs/pmf_NNN.pt``); running again with the same directory resumes after the last finished iteration, and the
 same seed gives the same result whether or not the run was interrupted.
 
 Units: CG coordinates in radians (dihedrals) or nm (Mueller-Brown s), free energies and spreads in kT.
@@ -456,6 +456,7 @@ class PMFLearner:
         export_pmf(ensemble, self.pmf_path, self.cgsystem.cg_names, self.periodic, self.cgsystem.temperature,
                    self.cgsystem.cg_atoms)
         save_model(self.flow_path, self.flow, self.cgsystem, iteration=k)
+        _atomic_copy(self.pmf_path, os.path.join(self.out_dir, "pmfs", f"pmf_{k:03d}.pt"))
 
         # 4. + 5. explore with CG walkers, choose the next points
         n_wrong = int(labels.n_wrong_chirality.sum())
@@ -618,6 +619,15 @@ class PMFLearner:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def _atomic_copy(src: str, dst: str) -> None:
+    import shutil
+
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = dst + ".tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def _differs(a, b) -> bool:
     return json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str)
 

@@ -12,6 +12,15 @@ sampling: consistent as n_per_frame grows, exact for a perfect flow at any n_per
 frames drawn from the CG equilibrium p(s) (CG dynamics on the PMF, or reweighted enhanced sampling), it
 estimates the all-atom Boltzmann average <g>: see :func:`weighted_estimate` and :func:`weighted_histogram`.
 
+Accuracy: per frame this is self-normalised importance sampling with n_per_frame samples, biased by
+O(1 / n_per_frame) times the spread of the weights. With one sample per frame the weights are all 1 and the
+samples follow the flow, not the Boltzmann conditional; the weights correct the flow only with several
+samples per frame, and the per-frame ESS (``frame_ess``) says how much. A flow trained by reverse KL tends
+to be narrower than the Boltzmann conditional: ``proposal_scale`` > 1 draws half of the samples from the
+flow with a widened base (a defensive mixture, exact weights), which removes most of that bias at a small
+cost in ESS. Measured on alanine dipeptide with a flow trained for ~15 s (ESS per frame ~5 of 96): weighted
+standard deviations of all bonds and angles within 10 % of MD (rms 3-4 %), the flow alone 15-18 % (rms).
+
 Samples with the wrong chirality (e.g. D-alanine, see ``coordinates.InternalCoordinates.chirality_ok``)
 get weight zero and are flagged; they are dropped from the output unless ``keep_wrong_chirality``.
 Samples with non-finite positions or energies are always dropped (weight zero). Molecules are
@@ -274,24 +283,43 @@ class BackmapChunk:
     n_nonfinite: int
 
 
-def _sample_proposal(flow, s: torch.Tensor, generator, proposal_scale: float = 1.0):
-    """(fine, log q) from the flow with its Gaussian base dims widened by ``proposal_scale`` (>= 1 gives a
-    heavier-tailed importance proposal; 1 is the flow itself). Circular base dims stay uniform."""
-    if proposal_scale == 1.0:
+def _sample_proposal(flow, s: torch.Tensor, generator, proposal_scale: float = 1.0, proposal_mix: float = 0.5):
+    """(fine, log q) from the importance proposal at CG points s [B, n_cg].
+
+    ``proposal_scale`` = 1: the flow itself. Otherwise a defensive mixture: a fraction ``proposal_mix`` of the
+    samples comes from the flow with its Gaussian base dims widened by ``proposal_scale`` (circular base dims
+    stay uniform), the rest from the flow, and log q is the mixture density. Both components share the
+    flow's transform, so fine = T(z) has q_mix(fine) = [(1 - a) N(z; 0, 1) + a N(z; 0, tau^2)] / |det dT/dz|:
+    no extra flow pass. A wider component bounds the weights where the flow is narrower than the Boltzmann
+    conditional (reverse-KL training tends to make it so), which removes the self-normalisation bias of a
+    few samples per frame at some cost in ESS."""
+    if proposal_scale == 1.0 or proposal_mix <= 0.0:
         return flow.sample(s, generator=generator)
+    tau, a = float(proposal_scale), min(float(proposal_mix), 1.0)
+    if not (tau > 0 and math.isfinite(tau)):
+        raise ValueError(f"proposal_scale must be a positive number, got {proposal_scale}")
     z = flow.sample_base(s.shape[0], generator)
     nc = ~flow.circular
-    tau = float(proposal_scale)
-    z = torch.where(nc, z * tau, z)
+    pick = torch.rand(s.shape[0], 1, generator=generator, dtype=z.dtype, device=z.device) < a
+    z = torch.where(nc & pick, z * tau, z)
     fine, logdet = flow.forward_transform(z, s)
-    log_base = flow.base_log_prob(torch.where(nc, z / tau, z)) - int(nc.sum()) * math.log(tau)
-    return fine, log_base - logdet
+    n_nc = int(nc.sum())
+    r2 = (z[:, nc] ** 2).sum(dim=1)
+    log_narrow = -0.5 * r2
+    log_wide = -0.5 * r2 / tau**2 - n_nc * math.log(tau)
+    if a >= 1.0:
+        log_mix = log_wide
+    else:
+        log_mix = torch.logaddexp(log_narrow + math.log1p(-a), log_wide + math.log(a))
+    const = -0.5 * math.log(2.0 * math.pi) * n_nc - (flow.n_fine - n_nc) * math.log(2.0 * math.pi)
+    return fine, log_mix + const - logdet
 
 
 @torch.no_grad()
-def _draw(flow, coords, energy, s64: torch.Tensor, generator, proposal_scale: float = 1.0):
+def _draw(flow, coords, energy, s64: torch.Tensor, generator, proposal_scale: float = 1.0,
+          proposal_mix: float = 0.5):
     """One flow sample per row of s64 [B, n_cg] -> (x [B, n, 3] f64, log_w [B], nonfinite [B], wrong [B])."""
-    fine, log_q = _sample_proposal(flow, s64.to(flow.dtype), generator, proposal_scale)
+    fine, log_q = _sample_proposal(flow, s64.to(flow.dtype), generator, proposal_scale, proposal_mix)
     x, log_det = coords.to_cartesian(fine.to(torch.float64), s64)
     finite_x = torch.isfinite(x).reshape(x.shape[0], -1).all(dim=1)
     x_safe = torch.where(finite_x[:, None, None], x, torch.zeros_like(x))
@@ -324,6 +352,7 @@ def iter_backmap(
     n_workers: int | None = None,
     progress: bool = False,
     proposal_scale: float = 1.0,
+    proposal_mix: float = 0.5,
 ) -> Iterator[BackmapChunk]:
     """Backmap CG frames chunk by chunk (about ``batch_size`` samples per chunk, whole frames).
 
@@ -370,7 +399,7 @@ def iter_backmap(
             nf = f1 - f0
             s64 = torch.as_tensor(frames.s[f0:f1]).repeat_interleave(n, dim=0)
             # flow passes of at most batch_size samples (n_per_frame > batch_size: one frame in pieces)
-            parts = [_draw(flow, coords, bridge, s64[i : i + batch_size], generator, proposal_scale)
+            parts = [_draw(flow, coords, bridge, s64[i : i + batch_size], generator, proposal_scale, proposal_mix)
                      for i in range(0, len(s64), batch_size)]
             x, lw, nonfinite, wrong = (torch.cat([p[k] for p in parts]).cpu().numpy() for k in range(4))
             del parts, s64
@@ -414,7 +443,8 @@ class BackmapResult:
     """All-atom samples of backmapped CG frames (see :func:`backmap`).
 
     trajectory: ``mdtraj.Trajectory`` of the kept samples (nm), frames grouped by input CG frame in order;
-        ``trajectory.time`` is the CG frame's time (ps) when the input has one, else its row index.
+        ``trajectory.time`` is the CG frame's time (ps) when the input has one, else its time index (the
+        first axis of the input array).
     log_weights: [N] log importance weights normalised within each CG frame (-inf: wrong chirality, kept).
     log_weights_raw: [N] unnormalised log p~ - log q (kT units).
     index: [N] input row of each sample's CG frame; frame, walker: [N] its time index and walker.
@@ -473,6 +503,7 @@ def backmap(
     n_workers: int | None = None,
     progress: bool = False,
     proposal_scale: float = 1.0,
+    proposal_mix: float = 0.5,
 ) -> BackmapResult:
     """Backmap CG frames to all-atom samples with importance weights (in memory; see :func:`backmap_file`
     to stream a long trajectory to disk).
@@ -496,8 +527,10 @@ def backmap(
         seed / generator: randomness of the flow samples (same seed, same samples).
         n_workers: energy worker processes when ``bridge`` is None.
         progress: tqdm progress bar over CG frames.
-        proposal_scale: widen the flow's Gaussian base dims by this factor (a heavier-tailed importance
-            proposal; 1 samples the flow itself). The weights stay exact either way.
+        proposal_scale, proposal_mix: importance proposal. 1 (default): the flow itself. tau > 1: a defensive
+            mixture, a fraction ``proposal_mix`` of the samples from the flow with its Gaussian base widened by
+            tau, the rest from the flow (heavier tails, bounded weights; see :func:`_sample_proposal`). The
+            weights are exact either way.
     Returns a :class:`BackmapResult`.
     """
     import mdtraj as md
@@ -505,7 +538,7 @@ def backmap(
     flow, cgsystem, _ = _resolve_model(flow, cgsystem)
     frames = cg_frames(cg, cgsystem)
     parts = list(iter_backmap(frames, flow, cgsystem, n_per_frame, bridge, keep_wrong_chirality, align,
-                              batch_size, seed, generator, n_workers, progress, proposal_scale))
+                              batch_size, seed, generator, n_workers, progress, proposal_scale, proposal_mix))
     top = md_topology(cgsystem)
 
     def cat(name, empty):
@@ -514,7 +547,7 @@ def backmap(
 
     xyz = cat("xyz", np.zeros((0, cgsystem.n_atoms, 3), np.float32))
     index = cat("index", np.zeros(0, np.int64))
-    time_ps = frames.time_ps[index] if frames.time_ps is not None else index.astype(np.float64)
+    time_ps = frames.time_ps[index] if frames.time_ps is not None else frames.frame[index].astype(np.float64)
     traj = md.Trajectory(xyz, top, time=time_ps)
     return BackmapResult(
         trajectory=traj,
@@ -688,6 +721,8 @@ def backmap_file(
     n_workers: int | None = None,
     batch_size: int = 4096,
     align=True,
+    proposal_scale: float = 1.0,
+    proposal_mix: float = 0.5,
 ) -> BackmapSummary:
     """Backmap a CG file to an all-atom trajectory file, streaming chunk by chunk (bounded memory).
 
@@ -703,6 +738,7 @@ def backmap_file(
         keep_wrong_chirality: keep wrong-chirality samples (weight zero, flagged) instead of dropping them.
         seed: seed of the flow samples. progress: tqdm progress bar. bridge / n_workers: energy evaluation
             (default: an EnergyBridge with one worker per core). batch_size: samples per chunk.
+        align, proposal_scale, proposal_mix: as in :func:`backmap`.
     Writes ``out_path`` and ``out_path + '.weights.npz'`` with, per written sample, ``log_weights``
     (normalised within its CG frame), ``log_weights_raw``, ``index`` (input row), ``frame`` (time index),
     ``walker``, ``s`` [N, d], ``wrong_chirality``, and per CG frame ``frame_ess``; for DCD and XTC (no
@@ -723,8 +759,8 @@ def backmap_file(
     first = None
     try:
         for chunk in iter_backmap(frames, flow, cgsystem, n_per_frame, bridge, keep_wrong_chirality, align,
-                                  batch_size, seed, None, n_workers, progress):
-            t = frames.time_ps[chunk.index] if frames.time_ps is not None else chunk.index.astype(np.float64)
+                                  batch_size, seed, None, n_workers, progress, proposal_scale, proposal_mix):
+            t = (frames.time_ps if frames.time_ps is not None else frames.frame.astype(np.float64))[chunk.index]
             writer.write(chunk.xyz, t)
             if first is None and len(chunk.xyz):
                 first = chunk.xyz[:1].copy()

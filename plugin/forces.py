@@ -23,7 +23,7 @@ import openmm.app as app
 import torch
 
 from .modules import CGWalkerEnergy, CGWalkerEnergyPBC, DihedralBias, DihedralBiasPBC
-from .pmf import PMF, load_pmf
+from .pmf import PMF, load_pmf, wrap_periodic
 
 __all__ = ["make_torch_force", "cg_walker_system", "walker_mass", "add_pmf_bias", "pmf_cmap_force",
            "BIAS_PARAMETER", "find_pmf_module"]
@@ -121,7 +121,7 @@ def find_pmf_module(system: openmm.System):
 
 def add_pmf_bias(system: openmm.System, pmf_path, factor: float = -1.0, temperature=None,
                  cg_atoms: Optional[Sequence[Sequence[int]]] = None, force_group: Optional[int] = None,
-                 parameter: str = BIAS_PARAMETER) -> openmm.Force:
+                 parameter: str = BIAS_PARAMETER, uses_pbc: Optional[bool] = None) -> openmm.Force:
     """Add ``factor * kT * A(s(x))`` to an all-atom System as a TorchForce and return the force.
 
     Args:
@@ -133,6 +133,9 @@ def add_pmf_bias(system: openmm.System, pmf_path, factor: float = -1.0, temperat
         cg_atoms: atom quadruples (0-based) of the CG dihedrals in *this* System; default: the file's.
         force_group: optional force group of the bias (handy for reading the bias energy per frame).
         parameter: name of the global parameter holding ``factor``.
+        uses_pbc: take the dihedrals' bond vectors by the minimum-image convention of the periodic box.
+            None (default): if ``system.usesPeriodicBoundaryConditions()``, i.e. if a force already in the
+            System is periodic, so add the bias after the force field's forces (or pass True).
     Returns the TorchForce (already added to ``system``).
     """
     pmf = load_pmf(pmf_path, temperature=temperature)
@@ -152,7 +155,7 @@ def add_pmf_bias(system: openmm.System, pmf_path, factor: float = -1.0, temperat
     factor = float(factor)
     if not math.isfinite(factor):
         raise ValueError(f"factor must be finite, got {factor}")
-    pbc = system.usesPeriodicBoundaryConditions()
+    pbc = system.usesPeriodicBoundaryConditions() if uses_pbc is None else bool(uses_pbc)
     cls = DihedralBiasPBC if pbc else DihedralBias
     module = cls(pmf.module, quads, pmf.kT)
     force = make_torch_force(module, uses_pbc=pbc, global_parameters={parameter: factor}, force_group=force_group)
@@ -166,7 +169,9 @@ def cmap_grid(pmf, n_grid: int = 24) -> np.ndarray:
     pmf = load_pmf(pmf)
     a = TWO_PI * np.arange(n_grid) / n_grid
     g1, g2 = np.meshgrid(a, a, indexing="ij")
-    return pmf.mean(np.stack([g1.ravel(), g2.ravel()], axis=1)).reshape(n_grid, n_grid)
+    # The pmf.pt contract defines A on [-pi, pi): wrap the grid angles (pi..2 pi -> -pi..0) before evaluating.
+    points = wrap_periodic(np.stack([g1.ravel(), g2.ravel()], axis=1), pmf.periodic)
+    return pmf.mean(points).reshape(n_grid, n_grid)
 
 
 def pmf_cmap_force(pmf_path, n_grid: int = 24, factor: float = 1.0, temperature=None,

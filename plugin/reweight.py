@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .pmf import load_pmf
+from .pmf import load_pmf, wrap_periodic
 
 __all__ = ["Reweighting", "reweight", "effective_sample_size", "reweighted_histogram"]
 
@@ -98,7 +98,11 @@ def reweight(s=None, pmf=None, factor: float = -1.0, bias_kT=None, bias_kJmol=No
     if s is None or pmf is None:
         raise ValueError("give s and pmf (and factor), or bias_kT, or bias_kJmol and temperature")
     pmf = load_pmf(pmf, temperature=temperature)
-    A = pmf.mean(s)
+    s = np.asarray(s, dtype=np.float64)
+    if s.ndim == 1:
+        s = s[:, None] if pmf.n_cg == 1 else s[None, :]
+    # The pmf.pt contract defines A on [-pi, pi) for dihedrals: wrap frames given in another convention.
+    A = pmf.mean(wrap_periodic(s, pmf.periodic))
     return _from_log_weights(float(factor) * A)
 
 

@@ -56,14 +56,14 @@ def swap_pmf(simulation, pmf_path) -> int:
         if hasattr(module, "quads"):
             quads = module.quads.tolist()
             factor = context.getParameter(BIAS_PARAMETER) if force.getNumGlobalParameters() else -1.0
-            replacements.append(("bias", quads, factor, group))
+            replacements.append(("bias", (quads, force.usesPeriodicBoundaryConditions()), factor, group))
         else:
             replacements.append(("walkers", force.usesPeriodicBoundaryConditions(), None, group))
     for i in sorted(indices, reverse=True):
         system.removeForce(i)
     for kind, arg, factor, group in replacements:
         if kind == "bias":
-            add_pmf_bias(system, new, factor=factor, cg_atoms=arg, force_group=group)
+            add_pmf_bias(system, new, factor=factor, cg_atoms=arg[0], force_group=group, uses_pbc=arg[1])
         else:
             cls = CGWalkerEnergyPBC if arg else CGWalkerEnergy
             system.addForce(make_torch_force(cls(new.module, new.n_cg, new.periodic, new.kT), uses_pbc=arg,
