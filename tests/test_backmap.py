@@ -488,6 +488,18 @@ def test_bad_inputs_are_refused_with_clear_errors(aldp, mb, aldp_flow, mb_flow, 
     assert B.cg_frames(np.array([0.1, 0.2, 0.3]), mb).s.shape == (3, 1)
 
 
+def test_more_samples_per_frame_than_batch_size_and_chunks_of_whole_frames(mb, mb_flow):
+    with EnergyBridge(mb.system, mb.temperature, n_workers=0) as bridge:
+        chunks = list(B.iter_backmap(np.array([-2.0, -0.5, 0.6]), mb_flow, mb, n_per_frame=10, bridge=bridge,
+                                     batch_size=4))
+        assert [len(c.index) for c in chunks] == [10, 10, 10] and [c.first_index for c in chunks] == [0, 1, 2]
+        for c in chunks:
+            assert np.logaddexp.reduce(c.log_weights) == pytest.approx(0.0, abs=1e-12)
+        chunks = list(B.iter_backmap(np.linspace(-2, 0.5, 7), mb_flow, mb, n_per_frame=3, bridge=bridge,
+                                     batch_size=7))
+        assert [len(c.index) for c in chunks] == [6, 6, 6, 3]  # whole frames, at most batch_size samples
+
+
 def test_package_exports_the_backmap_function():
     import openmm_cgflow
 
