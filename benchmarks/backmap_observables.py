@@ -121,9 +121,9 @@ def main(argv=None) -> int:
     ap.add_argument("--flow", required=True, help="trained alanine-dipeptide model: run directory or flow.pt")
     ap.add_argument("--frames", type=int, default=4000, help="CG frames drawn from the reference PMF")
     ap.add_argument("--md-frames", type=int, default=None, help="MD frames backmapped (default: all)")
-    ap.add_argument("--per-frame", type=int, default=8)
-    ap.add_argument("--proposal-scale", type=float, default=1.0,
-                    help="1: the flow; > 1: defensive mixture with a widened flow (see openmm_cgflow.backmap)")
+    ap.add_argument("--per-frame", type=int, default=32, help="samples per CG frame (default 32)")
+    ap.add_argument("--proposal-scale", type=float, default=1.3,
+                    help="1: the flow; > 1 (default 1.3): defensive mixture with a widened flow (openmm_cgflow.backmap)")
     ap.add_argument("--md", default=os.path.join(HERE, "data", "aldp_md.npz"))
     ap.add_argument("--reference", default=os.path.join(HERE, "data", "aldp_reference.npz"))
     ap.add_argument("--seed", type=int, default=0)
