@@ -193,12 +193,12 @@ def test_polar_toy_pmf_matches_quadrature():
     assert lab.ess_fraction.min() >= 0.9, lab.ess_fraction.min()
 
 
-def _train_mueller_brown(mb, bridge, epochs):
+def _train_mueller_brown(mb, bridge, epochs, affine_last=False):
     """Flow trained by energy alone through OpenMM at 64 CG points on [-2.5, 1.1]; labels from 1000 samples."""
     torch.manual_seed(0)
     s_pts = np.linspace(-2.5, 1.1, 64)[:, None]
     flow = ConditionalFlow(1, [False], 1, [False], n_layers=3, hidden=(64, 64), cg_loc=[-0.7], cg_scale=[1.04],
-                           init_seed=0)
+                           init_seed=0, affine_last=affine_last)
     n0 = bridge.n_evaluations
     trainer = Trainer(flow, mb, bridge, lr=3e-3, warmup_steps=20, samples_per_point=8, points_per_batch=64,
                       forward_weight=0.5, seed=0, progress=False)
@@ -222,7 +222,8 @@ def test_mueller_brown_pmf_by_energy_matches_quadrature(mb, mb_bridge):
 
 @pytest.mark.slow
 def test_mueller_brown_pmf_by_energy_ess_everywhere(mb, mb_bridge):
-    """Longer training (4,000 steps, 2e6 energy evaluations): ESS/N >= 0.9 at every one of the 64 points."""
-    logs, lab, rms = _train_mueller_brown(mb, mb_bridge, 4000)
+    """Longer training (6,000 steps, 3.1e6 energy evaluations) with the conditional affine layer after the
+    splines: ESS/N >= 0.9 at every one of the 64 points (measured min 0.975; the edge point s = -2.5 is last)."""
+    logs, lab, rms = _train_mueller_brown(mb, mb_bridge, 6000, affine_last=True)
     assert rms <= 0.05, rms
     assert lab.ess_fraction.min() >= 0.9, np.round(lab.ess_fraction, 2)
