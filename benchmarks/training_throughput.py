@@ -7,6 +7,7 @@ EnergyBridge, backward through all of it, Adam step. Reported: samples/s of ``Tr
 backward + optimiser (timed separately on the same batch).
 
     OMP_NUM_THREADS=1 python benchmarks/training_throughput.py            # ~2 min
+    python benchmarks/training_throughput.py --threads 2                  # both cores for the flow
     python benchmarks/training_throughput.py --quick
 """
 
@@ -73,9 +74,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workers", type=int, default=2, help="OpenMM energy worker processes")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     cg = builtin("alanine-dipeptide")
     bridge = EnergyBridge(cg.system, cg.temperature, n_workers=args.workers)
     points = np.random.default_rng(1).uniform(-np.pi, np.pi, (64 if args.quick else 256, 2))
@@ -87,7 +89,8 @@ def main() -> None:
     parts = {name: breakdown(cg, bridge, dt, 1 if args.quick else 3) for name, dt in DTYPES.items()}
     bridge.close()
     load = os.getloadavg()[0]
-    print(f"alanine dipeptide, default flow (8 x [192, 192]), 64 points x 16 samples per step, torch 1 thread, "
+    print(f"alanine dipeptide, default flow (8 x [192, 192]), 64 points x 16 samples per step, torch {args.threads} "
+          f"thread(s), "
           f"{args.workers} energy workers, load average {load:.1f}")
     print("\n| flow dtype | samples/s end to end (best of rounds) | all rounds |\n|---|---|---|")
     for name, r in rates.items():
