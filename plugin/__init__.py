@@ -17,12 +17,12 @@ sign), read as nm by the CG walkers.
 """
 
 from .dynamics import CGDynamics, CGReporter
-from .forces import (BIAS_PARAMETER, add_pmf_bias, cg_walker_system, cmap_grid, make_torch_force, pmf_cmap_force,
-                     walker_mass)
+from .forces import (BIAS_PARAMETER, add_pmf_bias, cg_walker_system, cmap_grid, make_torch_force, plugin_forces,
+                     pmf_cmap_force, walker_mass)
 from .modules import dihedrals
 from .plot import plot_pmf
 from .pmf import PMF, kT_kJmol, load_pmf, wrap_periodic
-from .swap import plugin_forces, swap_pmf
+from .swap import swap_pmf
 from .reweight import Reweighting, effective_sample_size, reweight, reweighted_histogram
 
 __all__ = ["PMF", "load_pmf", "kT_kJmol", "wrap_periodic", "CGDynamics", "CGReporter", "add_pmf_bias",

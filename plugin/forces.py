@@ -26,7 +26,7 @@ from .modules import CGWalkerEnergy, CGWalkerEnergyPBC, DihedralBias, DihedralBi
 from .pmf import PMF, load_pmf, wrap_periodic
 
 __all__ = ["make_torch_force", "cg_walker_system", "walker_mass", "add_pmf_bias", "pmf_cmap_force",
-           "BIAS_PARAMETER", "find_pmf_module"]
+           "BIAS_PARAMETER", "find_pmf_module", "plugin_forces", "walker_force"]
 
 #: Name of the global parameter holding the bias factor of :func:`add_pmf_bias` (Context.setParameter).
 BIAS_PARAMETER = "cgflow_bias_factor"
@@ -91,10 +91,7 @@ def cg_walker_system(pmf, n_walkers: int, mass: Optional[float] = None):
     if pbc:
         system.setDefaultPeriodicBoxVectors(openmm.Vec3(TWO_PI, 0, 0), openmm.Vec3(0, TWO_PI, 0),
                                             openmm.Vec3(0, 0, TWO_PI))
-        module = CGWalkerEnergyPBC(pmf.module, pmf.n_cg, pmf.periodic, pmf.kT)
-    else:
-        module = CGWalkerEnergy(pmf.module, pmf.n_cg, pmf.periodic, pmf.kT)
-    system.addForce(make_torch_force(module, uses_pbc=pbc))
+    system.addForce(walker_force(pmf, uses_pbc=pbc))
     topology = app.Topology()
     chain = topology.addChain()
     for w in range(n_walkers):
@@ -105,18 +102,35 @@ def cg_walker_system(pmf, n_walkers: int, mass: Optional[float] = None):
     return system, topology
 
 
-def find_pmf_module(system: openmm.System):
-    """The PMF TorchScript module inside the first plugin TorchForce of ``system`` (None if there is none)."""
+def walker_force(pmf, uses_pbc: bool, force_group: Optional[int] = None) -> openmm.Force:
+    """The TorchForce of :func:`cg_walker_system`: kT * sum over walkers of the mean PMF (kJ/mol).
+
+    ``pmf`` a loaded :class:`~openmm_cgflow_plugin.pmf.PMF`; ``uses_pbc`` whether the System has the periodic
+    box of side 2 pi (then the module takes the box vectors).
+    """
+    cls = CGWalkerEnergyPBC if uses_pbc else CGWalkerEnergy
+    return make_torch_force(cls(pmf.module, pmf.n_cg, pmf.periodic, pmf.kT), uses_pbc=uses_pbc,
+                            force_group=force_group)
+
+
+def plugin_forces(system: openmm.System) -> list:
+    """Indices of the TorchForces in ``system`` that run a PMF (CG walkers or all-atom bias)."""
     try:
         from openmmtorch import TorchForce
     except ImportError:  # pragma: no cover
+        return []
+    return [i for i, force in enumerate(system.getForces())
+            if TorchForce.isinstance(force) and hasattr(TorchForce.cast(force).getModule(), "pmf")]
+
+
+def find_pmf_module(system: openmm.System):
+    """The PMF TorchScript module inside the first plugin TorchForce of ``system`` (None if there is none)."""
+    indices = plugin_forces(system)
+    if not indices:
         return None
-    for force in system.getForces():
-        if TorchForce.isinstance(force):
-            module = TorchForce.cast(force).getModule()
-            if hasattr(module, "pmf"):
-                return module.pmf
-    return None
+    from openmmtorch import TorchForce
+
+    return TorchForce.cast(system.getForce(indices[0])).getModule().pmf
 
 
 def add_pmf_bias(system: openmm.System, pmf_path, factor: float = -1.0, temperature=None,

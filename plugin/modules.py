@@ -114,16 +114,8 @@ class DihedralBias(nn.Module):
         return factor.to(a.dtype) * self.kT * a
 
 
-class DihedralBiasPBC(nn.Module):
+class DihedralBiasPBC(DihedralBias):
     """:class:`DihedralBias` for periodic Systems: bond vectors by the minimum-image convention."""
-
-    kT: float
-
-    def __init__(self, pmf: nn.Module, cg_atoms: List[List[int]], kT: float):
-        super().__init__()
-        self.pmf = pmf
-        self.kT = float(kT)
-        self.register_buffer("quads", torch.tensor(cg_atoms, dtype=torch.long).reshape(-1, 4))
 
     @torch.jit.export
     def cg(self, positions: torch.Tensor, boxvectors: torch.Tensor) -> torch.Tensor:

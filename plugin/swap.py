@@ -9,26 +9,10 @@ parameters over to the new force field.
 
 from __future__ import annotations
 
-import openmm
-
-from .forces import BIAS_PARAMETER, add_pmf_bias, make_torch_force
-from .modules import CGWalkerEnergy, CGWalkerEnergyPBC
+from .forces import BIAS_PARAMETER, add_pmf_bias, plugin_forces, walker_force
 from .pmf import load_pmf
 
 __all__ = ["swap_pmf", "plugin_forces"]
-
-
-def plugin_forces(system: openmm.System) -> list:
-    """Indices of the TorchForces in ``system`` that run a PMF (CG walkers or all-atom bias)."""
-    try:
-        from openmmtorch import TorchForce
-    except ImportError:  # pragma: no cover
-        return []
-    found = []
-    for i, force in enumerate(system.getForces()):
-        if TorchForce.isinstance(force) and hasattr(TorchForce.cast(force).getModule(), "pmf"):
-            found.append(i)
-    return found
 
 
 def swap_pmf(simulation, pmf_path) -> int:
@@ -46,12 +30,13 @@ def swap_pmf(simulation, pmf_path) -> int:
         raise ValueError("the Simulation has no openmm_cgflow_plugin TorchForce to swap (build it with "
                          "CGDynamics, cg_walker_system or add_pmf_bias)")
     context = simulation.context
+    new = load_pmf(pmf_path)
     replacements = []
     for i in indices:
         force = TorchForce.cast(system.getForce(i))
         module = force.getModule()
         old = load_pmf(module.pmf)
-        new = load_pmf(pmf_path, expected_cg=old.cg_names, temperature=old.temperature)
+        load_pmf(new, expected_cg=old.cg_names, temperature=old.temperature)  # same CG coordinates and T
         group = force.getForceGroup()
         if hasattr(module, "quads"):
             quads = module.quads.tolist()
@@ -65,8 +50,6 @@ def swap_pmf(simulation, pmf_path) -> int:
         if kind == "bias":
             add_pmf_bias(system, new, factor=factor, cg_atoms=arg[0], force_group=group, uses_pbc=arg[1])
         else:
-            cls = CGWalkerEnergyPBC if arg else CGWalkerEnergy
-            system.addForce(make_torch_force(cls(new.module, new.n_cg, new.periodic, new.kT), uses_pbc=arg,
-                                             force_group=group))
+            system.addForce(walker_force(new, uses_pbc=arg, force_group=group))
     context.reinitialize(preserveState=True)
     return len(replacements)
