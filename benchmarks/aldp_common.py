@@ -2,7 +2,8 @@
 
 System: amber96.xml + amber96_obc.xml, NoCutoff, no constraints, 300 K, from
 openmm_cgflow/data/alanine-dipeptide.pdb. Units: nm, kJ/mol, K, ps, radians (IUPAC/mdtraj sign).
-Built here directly (not through openmm_cgflow.systems) so the reference depends on nothing but OpenMM.
+Built here directly (not through openmm_cgflow.systems) so the reference depends on nothing but OpenMM (and
+the plugin's gas constant).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import numpy as np
 import openmm
 import openmm.app as app
 import openmm.unit as unit
+from openmm_cgflow_plugin.cgspace import kT_kJmol
 
 TEMPERATURE = 300.0  # K
-KT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin) * TEMPERATURE  # kJ/mol
+KT = kT_kJmol(TEMPERATURE)  # kJ/mol
 
 PHI = (4, 6, 8, 14)
 PSI = (6, 8, 14, 16)

@@ -29,7 +29,7 @@ the energy-trained conditional flow:
 The reference is OpenMM's: amber96 + OBC implicit solvent, 300 K, the same System as
 ``builtin("alanine-dipeptide")`` (benchmarks/reference_metad.py).
 
-Hyperparameters default to those of active learning (:class:`openmm_cgflow.active_learning.LearnerSettings`):
+Hyperparameters default to those of active learning (:class:`openmm_cgflow.settings.LearnerSettings`):
 float32 flow of the package's default size, Adam lr 1e-3 with 50 warm-up steps decaying geometrically to 1e-4
 (here over all epochs of all rounds, continued across rounds and resumes), drop_worst 2, forward_weight 0.5,
 16 samples per point per epoch, at most 64 points per optimiser step (the batches of an epoch are balanced:
@@ -95,15 +95,17 @@ from aldp_common import save_npz_atomic  # noqa: E402
 
 from openmm_cgflow import builtin, metrics  # noqa: E402
 from openmm_cgflow.bridge import EnergyBridge  # noqa: E402
-from openmm_cgflow.ensemble import export_pmf, fit_ensemble  # noqa: E402
+from openmm_cgflow.ensemble import export_pmf  # noqa: E402
+from openmm_cgflow.ensemble_fit import fit_ensemble  # noqa: E402
 from openmm_cgflow.flow import flow_for  # noqa: E402
 from openmm_cgflow.free_energy import free_energy  # noqa: E402
-from openmm_cgflow.model_io import atomic_torch_save, save_model  # noqa: E402
+from openmm_cgflow.model_io import save_model  # noqa: E402
+from openmm_cgflow.settings import DTYPES  # noqa: E402
 from openmm_cgflow.training import Trainer  # noqa: E402
+from openmm_cgflow_plugin.files import atomic_write  # noqa: E402
 
 CHECKPOINT_FORMAT = "openmm-cgflow-aldp-grid/1"
 SYSTEM = "alanine-dipeptide"
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: Settings that define the run (a resumed run must use the same ones).
 RUN_KEYS = ("grid", "rounds", "epochs_per_round", "label_samples", "lr", "lr_final", "warmup_steps", "drop_worst",
             "forward_weight", "samples_per_point", "points_per_batch", "n_models", "flow_dtype", "path_gradient",
@@ -441,9 +443,8 @@ def main(argv=None) -> int:
                 warnings.simplefilter("ignore", RuntimeWarning)  # dropped labels are counted in fit_info
                 ens = fit_ensemble(labels.s, labels.A, labels.stderr, periodic=[True, True], n_models=args.n_models,
                                    seed=seed_of(args.seed, r, 2) % (2 ** 31))
-            export_pmf(ens, os.path.join(out, "pmf.pt"), cgsystem.cg_names, [True, True], cgsystem.temperature,
-                       cgsystem.cg_atoms, source="benchmarks/aldp_grid.py (grid conditioning)", round=r,
-                       grid=args.grid)
+            export_pmf(ens, os.path.join(out, "pmf.pt"), cgsystem.cgspace,
+                       source="benchmarks/aldp_grid.py (grid conditioning)", round=r, grid=args.grid)
             wall_round = time.perf_counter() - t0
 
             # measurement (not counted in wall_s)
@@ -486,10 +487,10 @@ def main(argv=None) -> int:
                             ess_fraction=ess, n_samples=labels.n_samples,
                             n_wrong_chirality=labels.n_wrong_chirality, n_nonfinite=labels.n_nonfinite, round=r)
             save_model(os.path.join(out, "flow.pt"), flow, cgsystem, round=r, grid=args.grid)
-            atomic_torch_save({"format": CHECKPOINT_FORMAT, "settings": settings, "state": st,
-                               "flow_state": {k: v.detach().clone() for k, v in flow.state_dict().items()},
-                               "optimizer_state": trainer.optimizer.state_dict(), "step_count": trainer.step_count},
-                              ck_path)
+            with atomic_write(ck_path) as fh:
+                torch.save({"format": CHECKPOINT_FORMAT, "settings": settings, "state": st,
+                            "flow_state": {k: v.detach().clone() for k, v in flow.state_dict().items()},
+                            "optimizer_state": trainer.optimizer.state_dict(), "step_count": trainer.step_count}, fh)
             print(fmt_round(rec), flush=True)
     finally:
         bridge.close()

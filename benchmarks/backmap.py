@@ -26,12 +26,16 @@ import time
 import numpy as np
 import torch
 
-from openmm_cgflow import backmap as B
+from openmm_cgflow.alanine_dipeptide import alanine_dipeptide
+from openmm_cgflow.alignment import alignment_atoms, superpose
+from openmm_cgflow.backmap_output import TrajectoryWriter, backmap_file
+from openmm_cgflow.backmapping import backmap
 from openmm_cgflow.bridge import EnergyBridge
+from openmm_cgflow.cg_input import md_topology
 from openmm_cgflow.flow import flow_for
 from openmm_cgflow.metrics import load_reference, reference_grid_points
 from openmm_cgflow.model_io import load_model
-from openmm_cgflow.systems import alanine_dipeptide
+from openmm_cgflow_plugin.cgspace import wrap_periodic
 
 
 def equilibrium_cg_frames(n: int, seed: int = 0) -> np.ndarray:
@@ -43,13 +47,13 @@ def equilibrium_cg_frames(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(p), size=n, p=p / p.sum())
     width = 2 * np.pi / int(round(np.sqrt(len(p))))
-    return B._wrap_periodic(pts[idx] + rng.uniform(-0.5, 0.5, size=(n, 2)) * width, [True, True])
+    return wrap_periodic(pts[idx] + rng.uniform(-0.5, 0.5, size=(n, 2)) * width, [True, True])
 
 
 def time_backmap_file(flow, cgsystem, s, n_per_frame, bridge, batch_size, folder) -> dict:
     out = os.path.join(folder, f"bench_{n_per_frame}.dcd")
     t0 = time.perf_counter()
-    summary = B.backmap_file((flow, cgsystem), s, out, n_per_frame=n_per_frame, progress=False, bridge=bridge,
+    summary = backmap_file((flow, cgsystem), s, out, n_per_frame=n_per_frame, progress=False, bridge=bridge,
                              batch_size=batch_size)
     wall = time.perf_counter() - t0
     size = os.path.getsize(out) + os.path.getsize(out + ".weights.npz")
@@ -64,7 +68,7 @@ def time_parts(flow, cgsystem, s, bridge, n=4096, repeats=2) -> dict:
     coords = cgsystem.coordinates
     s64 = torch.as_tensor(np.resize(s, (n, 2)))
     ref = np.asarray(cgsystem.positions) - np.asarray(cgsystem.positions).mean(axis=0)
-    heavy = B._alignment_atoms(cgsystem, True)
+    heavy = alignment_atoms(cgsystem, True)
     best = {}
     gen = torch.Generator().manual_seed(0)
     for _ in range(repeats):
@@ -84,10 +88,10 @@ def time_parts(flow, cgsystem, s, bridge, n=4096, repeats=2) -> dict:
             t["chirality check"] = time.perf_counter() - t0
         xn = x.numpy()
         t0 = time.perf_counter()
-        xs = B.superpose(xn, ref, heavy).astype(np.float32)
+        xs = superpose(xn, ref, heavy).astype(np.float32)
         t["superposition"] = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as d:
-            w = B.TrajectoryWriter(os.path.join(d, "parts.dcd"), B.md_topology(cgsystem))
+            w = TrajectoryWriter(os.path.join(d, "parts.dcd"), md_topology(cgsystem))
             t0 = time.perf_counter()
             w.write(xs)
             w.close()
@@ -128,7 +132,7 @@ def main(argv=None) -> int:
     rows, parts = [], {}
     try:
         # warm-up (first calls allocate)
-        B.backmap(s[:16], flows[0][1], aldp, n_per_frame=2, bridge=bridge)
+        backmap(s[:16], flows[0][1], aldp, n_per_frame=2, bridge=bridge)
         with tempfile.TemporaryDirectory() as folder:
             for name, flow in flows:
                 for n in args.per_frame:

@@ -41,9 +41,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import aldp_common as C  # noqa: E402
 
-from openmm_cgflow import backmap as B  # noqa: E402
+from openmm_cgflow.backmapping import iter_backmap  # noqa: E402
+from openmm_cgflow.importance import weighted_estimate, weighted_histogram  # noqa: E402
 from openmm_cgflow.metrics import load_reference, reference_grid_points  # noqa: E402
 from openmm_cgflow.model_io import load_model  # noqa: E402
+from openmm_cgflow_plugin.cgspace import wrap_periodic  # noqa: E402
 
 NAMES = ["omega1", "omega2", "chi_cb", "angle_ncac"]
 LABELS = {"omega1": "omega1 (ACE C-N), deg", "omega2": "omega2 (NME C-N), deg",
@@ -75,7 +77,7 @@ def pmf_cg_frames(n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(p), size=n, p=p / p.sum())
     width = 2 * math.pi / int(round(math.sqrt(len(p))))
-    return B._wrap_periodic(pts[idx] + rng.uniform(-0.5, 0.5, size=(n, 2)) * width, [True, True])
+    return wrap_periodic(pts[idx] + rng.uniform(-0.5, 0.5, size=(n, 2)) * width, [True, True])
 
 
 def backmapped_observables(flow, cgsystem, s, n_per_frame, seed, proposal_scale, batch_size=4096):
@@ -84,8 +86,8 @@ def backmapped_observables(flow, cgsystem, s, n_per_frame, seed, proposal_scale,
     lw, index = [], []
     n_drawn = n_wrong = 0
     ess = np.zeros(len(s))
-    for chunk in B.iter_backmap(s, flow, cgsystem, n_per_frame, seed=seed, proposal_scale=proposal_scale,
-                                batch_size=batch_size, progress=sys.stderr.isatty()):
+    for chunk in iter_backmap(s, flow, cgsystem, n_per_frame=n_per_frame, seed=seed, proposal_scale=proposal_scale,
+                              batch_size=batch_size, progress=sys.stderr.isatty()):
         o = C.frame_observables(chunk.xyz.astype(np.float64))
         for k in obs:
             obs[k].append(o[k])
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--md-frames", type=int, default=None, help="MD frames backmapped (default: all)")
     ap.add_argument("--per-frame", type=int, default=32, help="samples per CG frame (default 32)")
     ap.add_argument("--proposal-scale", type=float, default=1.3,
-                    help="1: the flow; > 1 (default 1.3): defensive mixture with a widened flow (openmm_cgflow.backmap)")
+                    help="1: the flow; > 1 (default 1.3): defensive mixture with a widened flow (openmm_cgflow.importance.sample_proposal)")
     ap.add_argument("--md", default=os.path.join(HERE, "data", "aldp_md.npz"))
     ap.add_argument("--reference", default=os.path.join(HERE, "data", "aldp_reference.npz"))
     ap.add_argument("--seed", type=int, default=0)
@@ -165,13 +167,13 @@ def main(argv=None) -> int:
     mtd_rep = representation(mtd_obs)
     results = {}
     for key in md_rep:
-        md_e = B.weighted_estimate(md_rep[key], np.zeros(len(md_frame)), frame=md_frame, block_size=50)
-        mtd_e = B.weighted_estimate(mtd_rep[key], mtd_lw, block_size=50)  # global weights; 100-ps blocks
+        md_e = weighted_estimate(md_rep[key], np.zeros(len(md_frame)), frame=md_frame, block_size=50)
+        mtd_e = weighted_estimate(mtd_rep[key], mtd_lw, block_size=50)  # global weights; 100-ps blocks
         results[key] = {"MD": md_e, "metaD": mtd_e}
         for name, st in sets.items():
             rep = representation(st["obs"])[key]
-            results[key][f"backmap {name}"] = B.weighted_estimate(rep, st["lw"], frame=st["index"])
-            results[key][f"flow alone {name}"] = B.weighted_estimate(rep, np.zeros(len(rep)), frame=st["index"])
+            results[key][f"backmap {name}"] = weighted_estimate(rep, st["lw"], frame=st["index"])
+            results[key][f"flow alone {name}"] = weighted_estimate(rep, np.zeros(len(rep)), frame=st["index"])
 
     # paired comparison on the MD's own CG frames: per frame, backmapped conditional mean minus the MD frame's
     # value; its mean over frames (SE from blocks of 50 frames = 100 ps) isolates the backmapping's error from
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
         rep = representation(st["obs"])[key]
         cond = np.bincount(st["index"], weights=w * rep, minlength=st["n_frames"])[ok] / tot[ok]
         d = cond - md_rep[key][pick][ok]
-        paired[key] = B.weighted_estimate(d, np.zeros(len(d)), frame=np.arange(len(d)), block_size=50)
+        paired[key] = weighted_estimate(d, np.zeros(len(d)), frame=np.arange(len(d)), block_size=50)
 
     def z(a, b, what):
         m, se = (a.mean, a.stderr) if what == "mean" else (a.std, a.std_stderr)
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
         ax.step(centres, h_mtd, where="mid", color="0.55", lw=1.2, ls="--", label="metaD, reweighted")
         for (name, st), col in zip(sets.items(), ("C0", "C3")):
             v = f(st["obs"])
-            h, se, _ = B.weighted_histogram(v, st["lw"], frame=st["index"], bins=edges)
+            h, se, _ = weighted_histogram(v, st["lw"], frame=st["index"], bins=edges)
             ax.errorbar(centres, h, yerr=se, fmt="o", ms=2.5, color=col, lw=0.8,
                         label=f"backmapped, CG from {name}")
             if name == "PMF":

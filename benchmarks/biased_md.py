@@ -57,11 +57,14 @@ def block_error(s: np.ndarray, weights: np.ndarray, key: str, n_blocks: int = 10
     return float(np.std(vals, ddof=1) / np.sqrt(n_blocks))
 
 
-def run_md(pmf_path, n_steps: int, frame_steps: int, seed: int, label: str, platform: str = "Reference"):
-    """(s [F, 2] radians, MD wall seconds) of a run with (pmf_path given) or without the PMF bias."""
+def run_md(pmf_path, n_steps: int, frame_steps: int, seed: int, label: str, platform: str = "Reference",
+           backend=None):
+    """(s [F, 2] radians, MD wall seconds) of a run with (pmf_path given) or without the PMF bias.
+
+    ``backend``: force backend of the bias ("torch": TorchForce, "python": openmm.PythonForce; None: default)."""
     system, _, pos = C.build_system(hydrogen_mass=3.0)
     if pmf_path is not None:
-        add_pmf_bias(system, pmf_path, factor=-1, temperature=C.TEMPERATURE, force_group=BIAS_GROUP)
+        add_pmf_bias(system, pmf_path, factor=-1, temperature=C.TEMPERATURE, force_group=BIAS_GROUP, backend=backend)
     integrator = openmm.LangevinMiddleIntegrator(C.TEMPERATURE * unit.kelvin, 1.0 / unit.picosecond,
                                                  2.0 * unit.femtosecond)
     integrator.setRandomNumberSeed(seed)
@@ -92,6 +95,7 @@ def main(argv=None) -> None:
     ap.add_argument("--pmf", default=None, help="pmf.pt (default: fit_to_reference, exported to a temp file)")
     ap.add_argument("--frame-steps", type=int, default=10, help="MD steps between frames")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--backend", default=None, help="force backend of the bias: torch (default) or python")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -101,14 +105,15 @@ def main(argv=None) -> None:
 
     tmp = None
     if args.pmf is None:
-        from openmm_cgflow.ensemble import export_pmf, fit_to_reference
+        from openmm_cgflow.ensemble import export_pmf
+        from openmm_cgflow.reference_pmf import fit_to_reference
 
         t = time.perf_counter()
         ens, kw = fit_to_reference("alanine-dipeptide", **(dict(steps=300) if args.quick else {}))
         tmp = tempfile.mkdtemp(prefix="biased-md-")
         args.pmf = export_pmf(ens, os.path.join(tmp, "pmf.pt"), **kw)
         print(f"PMF: fit_to_reference in {time.perf_counter() - t:.1f} s, KLD to the reference "
-              f"{metrics.kld_from_pmf(ens):.4f}", flush=True)
+              f"{metrics.kld_from_pmf(ens, 'alanine-dipeptide'):.4f}", flush=True)
     pmf = load_pmf(args.pmf, expected_cg=[list(C.PHI), list(C.PSI)], temperature=C.TEMPERATURE)
     reference = metrics.load_reference("alanine-dipeptide")
     ref_pop = metrics.basin_populations(reference["probabilities"])
@@ -116,7 +121,7 @@ def main(argv=None) -> None:
     pmf_pop = metrics.basin_populations(metrics.pmf_to_probabilities(grid_A))
 
     n_steps = int(round(args.ns * 1e6 / 2.0))
-    s_b, wall_b = run_md(args.pmf, n_steps, args.frame_steps, args.seed, "biased")
+    s_b, wall_b = run_md(args.pmf, n_steps, args.frame_steps, args.seed, "biased", backend=args.backend)
     s_p, wall_p = run_md(None, n_steps, args.frame_steps, args.seed, "plain")
 
     rw = reweight(s_b, pmf, factor=-1)
@@ -152,7 +157,7 @@ def main(argv=None) -> None:
           f"plain MD off by {100 * rel_p:.1f} % ({'does not reach' if ok_p else 'also reaches'} it)")
     meta = dict(command=" ".join(["benchmarks/biased_md.py"] + (argv if argv is not None else sys.argv[1:])),
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), machine=f"{_platform.machine()} {os.cpu_count()} cores",
-                openmm=openmm.__version__, torch=torch.__version__, ns_per_run=ns, frames=len(s_b),
+                openmm=openmm.__version__, torch=torch.__version__, backend=args.backend or "default", ns_per_run=ns, frames=len(s_b),
                 biased_steps_per_s=n_steps / wall_b, plain_steps_per_s=n_steps / wall_p, biased_wall_s=wall_b,
                 plain_wall_s=wall_p, ess=rw.ess, ess_fraction=rw.ess_fraction, reference=ref_pop, pmf_exp_minus_A=pmf_pop,
                 biased_reweighted=pop_b, biased_block_se=err_b, biased_raw=raw_b, plain=pop_p, plain_block_se=err_p,

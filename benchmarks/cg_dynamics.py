@@ -15,7 +15,7 @@ hits one round of every configuration rather than one configuration.
     python benchmarks/cg_dynamics.py --pmf runs/ala2/pmf.pt --json out.json
 
 PMF: --pmf, or (default) an ensemble of 10 MLPs [64, 64] fitted to the packaged alanine-dipeptide reference
-by openmm_cgflow.ensemble.fit_to_reference (the architecture, not the fit quality, sets the cost).
+by openmm_cgflow.reference_pmf.fit_to_reference (the architecture, not the fit quality, sets the cost).
 """
 
 from __future__ import annotations
@@ -73,18 +73,20 @@ class TorchLangevin:
 
 
 class OpenMMWalkers:
-    def __init__(self, pmf_path, s0, platform: str, seed: int = 0):
+    def __init__(self, pmf_path, s0, platform: str, seed: int = 0, backend=None):
         self.dyn = CGDynamics(pmf_path, s0, platform=platform, seed=seed, properties={"Threads": "1"}
-                              if platform == "CPU" else None)
+                              if platform == "CPU" else None, backend=backend)
 
     def step(self, n: int) -> None:
         self.dyn.simulation.step(n)
 
 
 def make_runner(method: str, pmf_path: str, pmf, s0, seed: int):
+    """``torch`` (pure-torch loop), ``openmm-PLATFORM`` (TorchForce) or ``openmm-PLATFORM-python`` (PythonForce)."""
     if method == "torch":
         return TorchLangevin(pmf, s0, seed)
-    return OpenMMWalkers(pmf_path, s0, method.split("-", 1)[1], seed)
+    parts = method.split("-")
+    return OpenMMWalkers(pmf_path, s0, parts[1], seed, backend=parts[2] if len(parts) > 2 else None)
 
 
 def timed(runner, n_steps: int) -> float:
@@ -98,7 +100,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 and 100 walkers, short rounds")
     ap.add_argument("--pmf", default=None, help="pmf.pt to use (default: fit one to the packaged reference)")
     ap.add_argument("--walkers", default="1,100,1000,10000")
-    ap.add_argument("--methods", default="openmm-Reference,openmm-CPU,torch")
+    ap.add_argument("--methods", default="openmm-Reference,openmm-CPU,torch",
+                    help="comma-separated: torch, openmm-PLATFORM (TorchForce), openmm-PLATFORM-python (PythonForce)")
     ap.add_argument("--seconds", type=float, default=3.0, help="target duration of one timed run")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -113,7 +116,8 @@ def main(argv=None) -> None:
 
     tmp = None
     if args.pmf is None:
-        from openmm_cgflow.ensemble import export_pmf, fit_to_reference
+        from openmm_cgflow.ensemble import export_pmf
+        from openmm_cgflow.reference_pmf import fit_to_reference
 
         t = time.perf_counter()
         ens, kw = fit_to_reference("alanine-dipeptide", steps=200 if args.quick else 3000)

@@ -349,12 +349,12 @@ def cell(c) -> tuple[str, str]:
 
 
 def plot(curves, extrap, levels, png: str, title: str) -> None:
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig = Figure(figsize=(11, 4.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     colours = {"md": "tab:blue", "metad": "tab:orange", "grid": "tab:purple"}
     run_colours = iter(["tab:green", "tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
     for c in curves:
@@ -388,7 +388,6 @@ def plot(curves, extrap, levels, png: str, title: str) -> None:
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
     fig.savefig(png, dpi=130)
-    plt.close(fig)
 
 
 def _jsonable(o):

@@ -186,24 +186,24 @@ class PhaseClock:
 
 def _patch(clock: PhaseClock):
     """Wrap the phase entry points; returns a function that undoes it."""
-    from openmm_cgflow import active_learning as al
-    from openmm_cgflow import bridge, ensemble, metrics, training
+    from openmm_cgflow import bridge, learner, metrics, reporting, run_directory, training
 
     targets = [
         (training.Trainer, "train_by_energy", "flow training"),
         (bridge.EnergyBridge, "energy_and_forces", "energy (bridge)", lambda self, xyz: len(xyz)),
-        (al.PMFLearner, "_trainer", "other: trainer set-up"),
+        (learner.PMFLearner, "_trainer", "other: trainer set-up"),
         (bridge.EnergyBridge, "__init__", "other: bridge start-up"),
-        (al, "free_energy", "labels"),
-        (ensemble, "fit_ensemble", "ensemble fit"),
-        (ensemble, "export_pmf", "ensemble fit"),
-        (al.PMFLearner, "_explore", "CG dynamics"),
-        (al, "save_model", "other: flow/checkpoint files"),
-        (al.PMFLearner, "_save_checkpoint", "other: flow/checkpoint files"),
-        (al.PMFLearner, "_write_jsonl", "other: flow/checkpoint files"),
-        (al.PMFLearner, "_plot", "other: plots"),
+        (learner, "free_energy", "labels"),
+        (learner, "fit_ensemble", "ensemble fit"),
+        (learner, "export_pmf", "ensemble fit"),
+        (learner.PMFLearner, "_explore", "CG dynamics"),
+        (run_directory.RunDirectory, "save_flow", "other: flow/checkpoint files"),
+        (run_directory.RunDirectory, "snapshot_pmf", "other: flow/checkpoint files"),
+        (run_directory.RunDirectory, "save_checkpoint", "other: flow/checkpoint files"),
+        (reporting.JsonlReporter, "report", "other: flow/checkpoint files"),
+        (reporting.PlotReporter, "report", "other: plots"),
         (metrics, "kld_from_pmf", "other: KLD vs reference"),
-        (al.PMFLearner, "step", "total"),
+        (learner.PMFLearner, "step", "total"),
     ]
     saved = []
     for owner, attr, name, *count in targets:
@@ -228,13 +228,11 @@ def _warm_up() -> None:
     import torch
 
     torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
     import openmm_cgflow_plugin  # noqa: F401
 
-    from openmm_cgflow import ensemble, free_energy, training  # noqa: F401
+    from openmm_cgflow import ensemble, ensemble_fit, free_energy, training  # noqa: F401
 
 
 def profile(args) -> int:

@@ -24,7 +24,8 @@ import time
 import mdtraj as md
 import numpy as np
 
-from openmm_cgflow import backmap_file, weighted_estimate
+from openmm_cgflow.backmap_output import backmap_file
+from openmm_cgflow.importance import weighted_estimate
 from openmm_cgflow_plugin import CGDynamics, CGReporter, load_pmf
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,8 +48,12 @@ if args.quick and args.run is None:
     # well); a real run's flow.pt gives far higher ESS.
     import torch
 
-    from openmm_cgflow import EnergyBridge, Trainer, builtin, flow_for, save_model
-    from openmm_cgflow.ensemble import export_pmf, fit_to_reference
+    from openmm_cgflow import builtin, save_model
+    from openmm_cgflow.bridge import EnergyBridge
+    from openmm_cgflow.ensemble import export_pmf
+    from openmm_cgflow.flow import flow_for
+    from openmm_cgflow.reference_pmf import fit_to_reference
+    from openmm_cgflow.training import Trainer
 
     torch.set_num_threads(1)
     args.run = os.path.join(args.out, "quick_run")

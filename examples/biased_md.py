@@ -6,7 +6,8 @@ picoseconds. Frames are unbiased with weights exp(-A(s)) (reweight); the effecti
 much of the run the estimate rests on.
 
     python examples/biased_md.py runs/ala2/pmf.pt --ps 2000
-    python examples/biased_md.py --quick              # fits a small pmf.pt first, a few ps
+    python examples/biased_md.py --quick              # the committed learned PMF, a few ps
+    python examples/biased_md.py --quick --backend python   # the bias as an openmm.PythonForce
 
 System: amber96 + OBC implicit solvent, no cutoff, hydrogen mass 3 amu (no constraints), Langevin 300 K,
 1/ps, 2 fs; trajectory written as DCD and read back with mdtraj.
@@ -14,9 +15,9 @@ System: amber96 + OBC implicit solvent, no cutoff, hydrogen mass 3 amu (no const
 
 import argparse
 import os
+import shutil
 import time
 import warnings
-from importlib import resources
 
 import mdtraj
 import mdtraj.reporters
@@ -35,21 +36,20 @@ parser.add_argument("--ps", type=float, default=2000.0, help="length of the bias
 parser.add_argument("--frame-fs", type=float, default=100.0, help="fs between saved frames")
 parser.add_argument("--platform", default="Reference", help="Reference is fastest for 22 atoms")
 parser.add_argument("--seed", type=int, default=1)
-parser.add_argument("--quick", action="store_true", help="build a small pmf.pt and run a few ps")
+parser.add_argument("--backend", default=None, help="force backend of the bias: torch (TorchForce) or python")
+parser.add_argument("--quick", action="store_true", help="use the committed learned pmf.pt and run a few ps")
 args = parser.parse_args()
 warnings.filterwarnings("ignore", message="Casting xyz dtype")   # mdtraj's DCD writer stores float32
 os.makedirs(args.out, exist_ok=True)
 
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 if args.quick:
-    from openmm_cgflow.ensemble import export_pmf, fit_to_reference
-
-    ensemble, export_kwargs = fit_to_reference("alanine-dipeptide", n_labels=400, steps=300, n_models=4,
-                                               hidden=(32, 32))
-    args.pmf = export_pmf(ensemble, os.path.join(args.out, "pmf.pt"), **export_kwargs)
+    args.pmf = shutil.copyfile(os.path.join(REPO, "benchmarks", "data", "aldp_al", "pmf.pt"),
+                               os.path.join(args.out, "pmf.pt"))
     args.ps, args.frame_fs = 4.0, 20.0
 if args.pmf is None:
     parser.error("give a pmf.pt (or --quick)")
-pdb_path = args.pdb or str(resources.files("openmm_cgflow").joinpath("data", "alanine-dipeptide.pdb"))
+pdb_path = args.pdb or os.path.join(REPO, "openmm_cgflow", "data", "alanine-dipeptide.pdb")
 
 temperature = 300 * unit.kelvin
 pdb = app.PDBFile(pdb_path)
@@ -58,7 +58,7 @@ system = forcefield.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, con
                                  hydrogenMass=3 * unit.amu)
 pmf = load_pmf(args.pmf, expected_cg=2, temperature=temperature)   # two CG dihedrals, at 300 K
 # The file carries the atom quadruples of phi and psi; factor -1 flattens the landscape along them.
-add_pmf_bias(system, pmf, factor=-1, temperature=temperature, force_group=1)
+add_pmf_bias(system, pmf, factor=-1, temperature=temperature, force_group=1, backend=args.backend)
 
 integrator = openmm.LangevinMiddleIntegrator(temperature, 1 / unit.picosecond, 2 * unit.femtoseconds)
 integrator.setRandomNumberSeed(args.seed)

@@ -5,19 +5,19 @@ the ensemble-mean PMF in a pmf.pt; 1,000 walkers are one OpenMM Context with one
 writes walkers.npz: s [frames, walkers, 2], spread [frames, walkers] (kT), time_ps [frames].
 
     python examples/cg_dynamics.py runs/ala2/pmf.pt --walkers 1000 --steps 20000
-    python examples/cg_dynamics.py --quick            # fits a small pmf.pt first, a few hundred steps
+    python examples/cg_dynamics.py --quick            # the committed learned PMF, a few hundred steps
+    python examples/cg_dynamics.py --quick --backend python   # openmm.PythonForce instead of TorchForce
 
-Needs only openmm_cgflow_plugin (torch, openmm, openmm-torch) for a given pmf.pt; --quick also uses
-openmm_cgflow to fit the small PMF to the packaged reference.
+Needs only openmm_cgflow_plugin (torch, openmm; openmm-torch for the default backend). --quick uses the
+learned alanine-dipeptide PMF committed in benchmarks/data/aldp_al/pmf.pt (copied into --out).
 """
 
 import argparse
 import os
+import shutil
 import time
 
 import numpy as np
-import openmm.unit as unit
-
 from openmm_cgflow_plugin import CGDynamics, CGReporter, load_pmf
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,16 +30,15 @@ parser.add_argument("--equilibrate", type=int, default=1000, help="steps before 
 parser.add_argument("--start", default="boltzmann", help="boltzmann, uniform, or PHI,PSI in radians")
 parser.add_argument("--platform", default="Reference", help="Reference, CPU, CUDA, ...")
 parser.add_argument("--seed", type=int, default=1)
-parser.add_argument("--quick", action="store_true", help="build a small pmf.pt and run a few hundred steps")
+parser.add_argument("--backend", default=None, help="force backend: torch (TorchForce) or python (PythonForce)")
+parser.add_argument("--quick", action="store_true", help="use the committed learned pmf.pt, a few hundred steps")
 args = parser.parse_args()
 os.makedirs(args.out, exist_ok=True)
 
 if args.quick:
-    from openmm_cgflow.ensemble import export_pmf, fit_to_reference
-
-    ensemble, export_kwargs = fit_to_reference("alanine-dipeptide", n_labels=400, steps=300, n_models=4,
-                                               hidden=(32, 32))
-    args.pmf = export_pmf(ensemble, os.path.join(args.out, "pmf.pt"), **export_kwargs)
+    committed = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks", "data", "aldp_al",
+                             "pmf.pt")
+    args.pmf = shutil.copyfile(committed, os.path.join(args.out, "pmf.pt"))
     args.walkers, args.steps, args.report, args.equilibrate = 200, 400, 20, 100
 if args.pmf is None:
     parser.error("give a pmf.pt (or --quick)")
@@ -63,7 +62,7 @@ elif args.start == "uniform":
     s0 = rng.uniform(-np.pi, np.pi, size=(args.walkers, 2))
 else:
     s0 = np.tile(np.array([float(v) for v in args.start.split(",")]), (args.walkers, 1))
-dynamics = CGDynamics(pmf, s0, platform=args.platform, seed=args.seed)
+dynamics = CGDynamics(pmf, s0, platform=args.platform, seed=args.seed, backend=args.backend)
 simulation = dynamics.simulation                     # an ordinary openmm.app.Simulation
 simulation.step(args.equilibrate)
 

@@ -1,10 +1,12 @@
-"""Worker side of the energy bridge: one OpenMM Context, energies and forces on request.
+"""Worker side of the energy bridge: one OpenMM Context per System, energies and forces on request.
 
-Imports only openmm and numpy so that worker processes start fast and never load torch.
+Imports only openmm and numpy (and nothing of the package: the local executor runs this file as
+``__main__``) so that worker processes start fast and never load torch.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 
@@ -86,29 +88,45 @@ class ContextEvaluator:
 
 
 def serve(reader, writer) -> None:
-    """Worker main loop over binary streams: first message (system_xml, platform, properties), then xyz
-    arrays, each answered with (energy, forces, finite); stops on None or end of input."""
+    """Worker main loop over binary streams (see :class:`openmm_cgflow.executors.LocalProcessExecutor`).
+
+    Messages, each answered with ``("ok", value)`` or ``("error", message)``:
+
+    * ``("system", key, system_xml, platform, properties)``: build one Context for this System (once per
+      key), answer ``None``;
+    * ``("evaluate", key, xyz [B, n_atoms, 3] nm)``: answer ``(energy [B] kJ/mol, forces kJ/mol/nm, finite)``.
+
+    Stops on ``None`` or end of input.
+    """
 
     def send(obj):
         pickle.dump(obj, writer, protocol=pickle.HIGHEST_PROTOCOL)
         writer.flush()
 
-    system_xml, platform, properties = pickle.load(reader)
-    try:
-        evaluator = ContextEvaluator(system_xml, platform, properties)
-    except Exception as exc:
-        send(("error", repr(exc)))
-        return
-    send(("ready", None))
+    evaluators: dict[str, ContextEvaluator] = {}
     while True:
         try:
-            xyz = pickle.load(reader)
+            message = pickle.load(reader)
         except EOFError:
             break
-        if xyz is None:
+        if message is None:
             break
-        send(evaluator.evaluate(xyz))
+        try:
+            kind, key = message[0], message[1]
+            if kind == "system":
+                if key not in evaluators:
+                    evaluators[key] = ContextEvaluator(*message[2:])
+                send(("ok", None))
+            elif kind == "evaluate":
+                send(("ok", evaluators[key].evaluate(message[2])))
+            else:
+                send(("error", f"unknown message {kind!r}"))
+        except Exception as exc:
+            send(("error", repr(exc)))
 
 
 if __name__ == "__main__":
-    serve(sys.stdin.buffer, sys.stdout.buffer)
+    try:
+        serve(sys.stdin.buffer, sys.stdout.buffer)
+    except BrokenPipeError:  # the bridge went away while this worker had an answer to write
+        os._exit(0)

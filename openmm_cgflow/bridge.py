@@ -1,40 +1,52 @@
 """Batched OpenMM energies and forces as a differentiable torch function.
 
-:class:`EnergyBridge` sends a batch of configurations to OpenMM Contexts, one per worker process (the
-OpenMM Python API holds the GIL, so threads would not run in parallel), and returns reduced energies
-u = E / kT. As a torch autograd function its gradient is -F / kT from the same call: no second energy
-evaluation is made for the backward pass. Every configuration sent to OpenMM is counted in
-:attr:`EnergyBridge.n_evaluations`.
+:class:`EnergyBridge` sends a batch of configurations, in chunks, to an executor (see
+:mod:`openmm_cgflow.executors`): local worker processes by default (one OpenMM Context each; the OpenMM
+Python API holds the GIL, so threads would not run in parallel), or a Dask ``distributed`` cluster
+(``scheduler=...``). It returns reduced energies u = E / kT and forces F / kT (kT/nm). As a torch
+autograd function its gradient is -F / kT from the same call: no second energy evaluation is made for
+the backward pass. Every configuration is counted once in :attr:`EnergyBridge.n_evaluations`, after its
+batch has come back (a chunk retried after a lost worker or a timeout is not counted twice).
 """
 
 from __future__ import annotations
 
-import os
-import pickle
-import subprocess
-import sys
-
 import numpy as np
 import openmm
-import openmm.unit as unit
 import torch
+from openmm_cgflow_plugin.cgspace import kT_kJmol
 
 from ._openmm_worker import ContextEvaluator
+from .executors import BridgeError, ChunkExecutor, LocalProcessExecutor, NoWorkersError
 
-_R = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
+__all__ = ["EnergyBridge", "BridgeError", "NoWorkersError"]
 
 
 class EnergyBridge:
-    """Reduced energies (kT) and forces of configuration batches through OpenMM.
+    """Reduced energies (kT) and forces (kT/nm) of configuration batches through OpenMM.
 
     Args:
         system: the ``openmm.System`` (kJ/mol, nm).
         temperature: K; energies are returned in units of kT = R T.
-        n_workers: worker processes, each with its own Context. ``None`` uses every core; 0 evaluates
-            in this process (no parallelism, no start-up cost).
+        n_workers: local worker processes, each with its own Context. ``None`` uses every core; 0 or 1
+            evaluates in this process (no parallelism, no start-up cost). Ignored when ``executor`` or
+            ``scheduler`` is given.
         platform: OpenMM platform name; ``"Reference"`` is the fastest for small molecules one
             configuration at a time (measured: ~2-3x the CPU platform for alanine dipeptide).
-        min_parallel_batch: batches smaller than this are evaluated in-process.
+        properties: OpenMM platform properties.
+        min_parallel_batch: batches smaller than this are evaluated in this process.
+        executor: an executor (:class:`~openmm_cgflow.executors.ChunkExecutor`) to use instead of local
+            worker processes; it is shared, not owned: :meth:`close` leaves it open.
+        scheduler: a Dask scheduler address (``"tcp://host:8786"``), ``distributed.Client`` or cluster
+            object: evaluate on that cluster (:class:`~openmm_cgflow.dask_executor.DaskExecutor`, needs
+            ``openmm-cgflow[dask]``); the executor is owned and closed with the bridge.
+        chunk_timeout: seconds after which a chunk that has not come back is evaluated again on another
+            worker (None: wait; a dead worker is noticed without it).
+        worker_wait: Dask only: seconds a batch waits with no worker in the cluster before
+            :class:`~openmm_cgflow.executors.NoWorkersError` (and the limit to reach the scheduler).
+
+    Raises (from :meth:`energy_and_forces`): :class:`~openmm_cgflow.executors.NoWorkersError` when no
+    worker is left; nothing of that batch is counted.
     """
 
     def __init__(
@@ -45,37 +57,56 @@ class EnergyBridge:
         platform: str = "Reference",
         properties: dict | None = None,
         min_parallel_batch: int = 64,
+        *,
+        executor: ChunkExecutor | None = None,
+        scheduler=None,
+        chunk_timeout: float | None = None,
+        worker_wait: float = 60.0,
     ):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive (K), got {temperature}")
-        self.kT = _R * float(temperature)
+        if executor is not None and scheduler is not None:
+            raise ValueError("give an executor or a scheduler, not both")
+        if chunk_timeout is not None and not chunk_timeout > 0:
+            raise ValueError(f"chunk_timeout must be positive (s) or None, got {chunk_timeout}")
+        self.kT = kT_kJmol(temperature)
         self.n_atoms = system.getNumParticles()
         self.n_evaluations = 0
         self.min_parallel_batch = min_parallel_batch
+        self.chunk_timeout = chunk_timeout
         xml = openmm.XmlSerializer.serialize(system)
         self._local = ContextEvaluator(xml, platform, properties)
-        n_workers = (os.cpu_count() or 1) if n_workers is None else int(n_workers)
-        self._workers = []
-        if n_workers > 1:
-            # Plain subprocesses (not multiprocessing): they work from any user script, no __main__ guard needed.
-            for _ in range(n_workers):
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "openmm_cgflow._openmm_worker"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    env={**os.environ, "OMP_NUM_THREADS": "1"},
-                )
-                self._workers.append(proc)
-                self._send(proc, (xml, platform, properties))
-            for proc in self._workers:
-                status, message = self._receive(proc)
-                if status != "ready":
-                    self.close()
-                    raise RuntimeError(f"energy worker failed to create an OpenMM Context: {message}")
+        self._executor, self._own_executor = executor, False
+        if scheduler is not None:
+            from .dask_executor import DaskExecutor
+
+            self._executor, self._own_executor = DaskExecutor(scheduler, worker_wait=worker_wait, connect_timeout=worker_wait), True
+        elif executor is None:
+            n_workers = (LocalProcessExecutor.default_workers() if n_workers is None else int(n_workers))
+            if n_workers > 1:
+                self._executor, self._own_executor = LocalProcessExecutor(n_workers), True
+        self._key = None
+        if self._executor is not None:
+            try:
+                self._key = self._executor.add_system(xml, platform, properties)
+            except Exception:
+                self.close()
+                raise
 
     @property
     def n_workers(self) -> int:
-        return len(self._workers)
+        """Workers of the executor now (0: this process evaluates)."""
+        return self._executor.n_workers if self._executor is not None else 0
+
+    @property
+    def system_key(self) -> str | None:
+        """The key of this bridge's System in its executor (None: in-process)."""
+        return self._key
+
+    @property
+    def executor(self) -> ChunkExecutor | None:
+        """The executor behind this bridge (None: in-process)."""
+        return self._executor
 
     def energy_and_forces(self, xyz) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Energies and forces of xyz [B, n_atoms, 3] nm.
@@ -87,17 +118,15 @@ class EnergyBridge:
         if xyz.ndim != 3 or xyz.shape[1:] != (self.n_atoms, 3):
             raise ValueError(f"positions have shape {xyz.shape}, expected [batch, {self.n_atoms}, 3]")
         batch = xyz.shape[0]
-        self.n_evaluations += batch
-        if not self._workers or batch < self.min_parallel_batch:
+        if self._executor is None or batch < self.min_parallel_batch:
             energy, forces, finite = self._local.evaluate(xyz)
         else:
-            chunks = np.array_split(xyz, len(self._workers))
-            for proc, chunk in zip(self._workers, chunks):
-                self._send(proc, chunk)
-            results = [self._receive(proc) for proc in self._workers]
+            chunks = np.array_split(xyz, self._executor.chunk_count(batch))
+            results = self._executor.evaluate_chunks(self._key, chunks, self.chunk_timeout)
             energy = np.concatenate([r[0] for r in results])
             forces = np.concatenate([r[1] for r in results])
             finite = np.concatenate([r[2] for r in results])
+        self.n_evaluations += batch
         return energy / self.kT, forces / self.kT, finite
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,33 +136,11 @@ class EnergyBridge:
         """
         return _BridgeEnergy.apply(x, self)
 
-    @staticmethod
-    def _send(proc, obj) -> None:
-        pickle.dump(obj, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        proc.stdin.flush()
-
-    @staticmethod
-    def _receive(proc):
-        try:
-            return pickle.load(proc.stdout)
-        except EOFError:
-            raise RuntimeError(f"energy worker process {proc.pid} died (exit code {proc.poll()})") from None
-
     def close(self) -> None:
-        """Stop the worker processes."""
-        for proc in self._workers:
-            try:
-                self._send(proc, None)
-                proc.stdin.close()
-            except (OSError, ValueError):
-                pass
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            if proc.stdout:
-                proc.stdout.close()
-        self._workers = []
+        """Stop the executor if this bridge created it (local worker processes, a Dask client)."""
+        executor, self._executor = self._executor, None
+        if executor is not None and self._own_executor:
+            executor.close()
 
     def __enter__(self):
         return self

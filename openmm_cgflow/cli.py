@@ -5,10 +5,13 @@
     cgflow run my_molecule.toml --out runs/mine        # config file, see README
     cgflow backmap runs/ala2 walkers.npz -o ala2.dcd --per-frame 4
 
+The target is a registered system's name (the built-in ones, or one a script registered with
+:func:`openmm_cgflow.registry.register_system` before calling :func:`main`) or a config file.
 A config file (TOML) has a ``[system]`` table (``builtin = "alanine-dipeptide"``, or ``pdb``, ``cg``,
 optional ``forcefield`` list, ``temperature`` in K, or ``system_xml`` with ``pdb`` for the topology and
 positions) and an optional ``[settings]`` table whose keys are those of
-:class:`openmm_cgflow.active_learning.LearnerSettings`, plus optional top-level ``reference``. Everything is
+:class:`openmm_cgflow.settings.LearnerSettings`, plus optional top-level ``reference`` (a registered
+system's name, an .npz, or "none"; default: the system's registered reference, if it has one). Everything is
 checked before any work starts; running the same command again resumes the run.
 """
 
@@ -17,6 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from . import registry, systems
+from .backmap_output import backmap_file
+from .executors import BridgeError
+from .learner import PMFLearner
+from .settings import LearnerSettings
 
 __all__ = ["main", "load_config", "build_learner"]
 
@@ -34,13 +43,11 @@ def _read_toml(path: str) -> dict:
 
 
 def load_config(target: str) -> tuple[object, dict, object]:
-    """(cgsystem, settings overrides, reference) from a built-in system name or a TOML config file."""
-    from . import systems
-
-    if target in systems.BUILTIN:
-        return systems.builtin(target), {}, _default_reference(target)
+    """(cgsystem, settings overrides, reference) from a registered system's name or a TOML config file."""
+    if target in registry.registered():
+        return registry.builtin(target), {}, _default_reference(target)
     if not target.endswith(".toml"):
-        raise ValueError(f"unknown system {target!r}: give one of {sorted(systems.BUILTIN)} or a .toml config file")
+        raise ValueError(f"unknown system {target!r}: give one of {registry.registered()} or a .toml config file")
     cfg = _read_toml(target)
     base = os.path.dirname(os.path.abspath(target))
     unknown = set(cfg) - {"system", "settings", "reference"}
@@ -51,7 +58,7 @@ def load_config(target: str) -> tuple[object, dict, object]:
         raise ValueError(f"{target}: a [system] table is required")
     reference = cfg.get("reference")
     if "builtin" in sys_cfg:
-        cgsystem = systems.builtin(sys_cfg["builtin"])
+        cgsystem = registry.builtin(sys_cfg["builtin"])
         if reference is None:
             reference = _default_reference(sys_cfg["builtin"])
     else:
@@ -88,13 +95,12 @@ def load_config(target: str) -> tuple[object, dict, object]:
 
 
 def _default_reference(name: str):
-    return name if name in ("mueller-brown", "alanine-dipeptide") else None
+    """The registered system's name if it has a registered reference (the learner resolves it), else None."""
+    return name if registry.entry(name).reference is not None else None
 
 
 def build_learner(target: str, out: str, overrides: dict, reference="auto", progress=True, plots=True):
-    """The :class:`~openmm_cgflow.active_learning.PMFLearner` for a CLI target; all input is checked here."""
-    from .active_learning import LearnerSettings, PMFLearner
-
+    """The :class:`~openmm_cgflow.learner.PMFLearner` for a CLI target; all input is checked here."""
     cgsystem, settings, default_ref = load_config(target)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     st = LearnerSettings.for_system(cgsystem, **settings)
@@ -109,7 +115,8 @@ def build_learner(target: str, out: str, overrides: dict, reference="auto", prog
 
 def _cmd_run(args) -> int:
     overrides = {"threshold_kT": args.threshold, "seed": args.seed, "max_iterations": args.max_iterations,
-                 "max_evaluations": args.max_evaluations, "n_workers": args.workers}
+                 "max_evaluations": args.max_evaluations, "n_workers": args.workers,
+                 "scheduler": args.scheduler, "chunk_timeout": args.chunk_timeout}
     learner = build_learner(args.target, args.out, overrides, reference=args.reference, progress=not args.quiet,
                             plots=not args.no_plots)
     if learner.iteration and args.quiet:
@@ -126,8 +133,6 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_backmap(args) -> int:
-    from .backmap import backmap_file
-
     if args.per_frame < 1:
         raise ValueError(f"--per-frame must be >= 1, got {args.per_frame}")
     try:
@@ -145,15 +150,20 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="learn a PMF by active learning into a run directory (resumes if present)")
-    run.add_argument("target", help="built-in system (mueller-brown, alanine-dipeptide, proline-dipeptide) or a .toml config")
+    run.add_argument("target", help="registered system (built in: mueller-brown, alanine-dipeptide, proline-dipeptide) "
+                                    "or a .toml config")
     run.add_argument("--out", required=True, help="run directory (pmf.pt, flow.pt, iterations.jsonl, plots/, checkpoint.pt)")
     run.add_argument("--threshold", type=float, help="ensemble spread (kT) that marks a CG point uncertain (default 0.2)")
     run.add_argument("--seed", type=int, help="random seed (default 0); a seeded run is repeatable")
     run.add_argument("--max-iterations", type=int, help="iteration budget")
     run.add_argument("--max-evaluations", type=int, help="energy-evaluation budget")
     run.add_argument("--workers", type=int, help="OpenMM worker processes for energies (default: one per core)")
+    run.add_argument("--scheduler", help="Dask scheduler address (e.g. tcp://host:8786): evaluate energies on its "
+                                         "workers instead of local processes (needs openmm-cgflow[dask])")
+    run.add_argument("--chunk-timeout", type=float,
+                     help="seconds after which a chunk of energies is resubmitted to another worker (default: none)")
     run.add_argument("--reference", default="auto",
-                     help="reference for the KLD log: auto (built-in systems), none, a name or an .npz")
+                     help="reference for the KLD log: auto (the system's registered one), none, a system name or an .npz")
     run.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
@@ -175,7 +185,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+    except (ValueError, FileNotFoundError, FloatingPointError, BridgeError) as exc:
         print(f"cgflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -9,8 +9,8 @@ Shapes and units: Cartesian ``x`` is [B, n_atoms, 3] in nm; ``fine`` is [B, n_fi
 for non-circular coordinates, radians in [-pi, pi) for circular ones); ``s`` is [B, n_cg] (radians for
 dihedrals, mdtraj/IUPAC sign, range (-pi, pi]); ``log_det`` is [B].
 
-Z-matrix construction (:class:`InternalCoordinates`)
-----------------------------------------------------
+Z-matrix construction (:func:`openmm_cgflow.zmatrix.build_zmatrix`, used by :class:`InternalCoordinates`)
+----------------------------------------------------------------------------------------------------------
 1. Spanning tree. The bonds of every CG dihedral chain (a-b, b-c, c-d) are added first (union-find), then
    the remaining bonds in breadth-first order from the root. Bonds that would close a ring are *not*
    coordinates: ring closure is left to the energy (the flow learns it), so rings need no special case
@@ -51,25 +51,20 @@ used, so log_det stays finite.
 from __future__ import annotations
 
 import math
-from collections import deque
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from openmm_cgflow_plugin.cgspace import wrap_angle
 
-__all__ = ["InternalCoordinates", "LinearCoordinates", "dihedral", "angle", "wrap_angle"]
+from .zmatrix import ZMatrix, build_zmatrix
+
+__all__ = ["InternalCoordinates", "LinearCoordinates", "dihedral", "angle"]
 
 _DTYPE = torch.float64
-_TWO_PI = 2.0 * math.pi
 
 
 # ----------------------------------------------------------------------------------------------- geometry
-def wrap_angle(a: torch.Tensor) -> torch.Tensor:
-    """Wrap angles (radians, any shape) to [-pi, pi)."""
-    w = torch.remainder(a + math.pi, _TWO_PI) - math.pi
-    return torch.where(w >= math.pi, w - _TWO_PI, w)
-
-
 def angle(p0: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
     """Bond angle p0-p1-p2 in radians, [0, pi]; points [..., 3] -> [...]."""
     u, v = p0 - p1, p2 - p1
@@ -138,8 +133,8 @@ class InternalCoordinates:
 
     Attributes:
         n_atoms, n_fine (= 3 n_atoms - 6 - n_cg), n_cg, circular (BoolTensor [n_fine]), cg_periodic,
-        zmatrix (int array [n_atoms, 4]: atom, bond ref, angle ref, torsion ref in placement order, -1 = none),
-        torsion_kind (per Z-matrix torsion: "cg", "proper" or "improper"), ring_closures (bonds not used).
+        zmat (the :class:`~openmm_cgflow.zmatrix.ZMatrix` built from the bonds), zmatrix (its rows: int array
+        [n_atoms, 4]: atom, bond ref, angle ref, torsion ref in placement order, -1 = none), torsion_kind (per Z-matrix torsion: "cg", "proper" or "improper"), ring_closures (bonds not used).
     """
 
     def __init__(
@@ -170,195 +165,20 @@ class InternalCoordinates:
         if not np.all(np.isfinite(ref)):
             raise ValueError("reference_xyz contains NaN or inf")
 
-        # --- bond graph
-        adj: list[set[int]] = [set() for _ in range(n)]
-        for bond in bonds:
-            a, b = (int(v) for v in bond)
-            if not (0 <= a < n and 0 <= b < n):
-                raise ValueError(f"bond ({a}, {b}) has atom indices outside 0..{n - 1}")
-            if a == b:
-                raise ValueError(f"bond ({a}, {b}) bonds an atom to itself")
-            adj[a].add(b)
-            adj[b].add(a)
-        seen, queue = {0}, deque([0])
-        while queue:
-            u = queue.popleft()
-            for v in adj[u] - seen:
-                seen.add(v)
-                queue.append(v)
-        if len(seen) != n:
-            missing = sorted(set(range(n)) - seen)
-            raise ValueError(
-                f"the bond graph is not connected: {len(missing)} atoms (e.g. {missing[:5]}) are not bonded to atom 0; "
-                "internal coordinates need one molecule (check the topology's bonds / CONECT records)"
-            )
-
-        # --- CG dihedrals: bonded chains
-        cg = []
-        for q in cg_dihedrals:
-            q = tuple(int(v) for v in q)
-            if len(q) != 4:
-                raise ValueError(f"CG dihedral {q} must have 4 atoms")
-            if any(not (0 <= v < n) for v in q):
-                raise ValueError(f"CG dihedral {q} has atom indices outside 0..{n - 1}")
-            if len(set(q)) != 4:
-                raise ValueError(f"CG dihedral {q} repeats an atom")
-            for u, v in zip(q[:-1], q[1:]):
-                if v not in adj[u]:
-                    raise ValueError(
-                        f"CG dihedral {q} is not a bonded chain: atoms {u} ({self.atom_names[u]}) and "
-                        f"{v} ({self.atom_names[v]}) are not bonded"
-                    )
-            if q in cg or q[::-1] in cg:
-                raise ValueError(f"CG dihedral {q} is listed twice")
-            cg.append(q)
-        self.cg_dihedrals = cg
-        self.n_cg = len(cg)
+        zm = build_zmatrix(bonds, n, cg_dihedrals, self.atom_names)
+        self.zmat: ZMatrix = zm
+        self.cg_dihedrals = zm.cg_dihedrals
+        self.n_cg = len(zm.cg_dihedrals)
         self.cg_periodic = [True] * self.n_cg
-
-        # --- seeds
-        if cg:
-            a, b, c, d = cg[0]
-            root, s1, s2 = c, b, d
-        else:
-            root = max(range(n), key=lambda i: (len(adj[i]), -i))
-            if len(adj[root]) < 2:
-                raise ValueError("no atom has two bonds; cannot seed a Z-matrix")
-            s1, s2 = sorted(adj[root])[:2]
-        self.seeds = (root, s1, s2)
-
-        # --- spanning tree: CG chain bonds first (union-find), then breadth-first
-        parent_uf = list(range(n))
-
-        def find(u):
-            while parent_uf[u] != u:
-                parent_uf[u] = parent_uf[parent_uf[u]]
-                u = parent_uf[u]
-            return u
-
-        tree: list[set[int]] = [set() for _ in range(n)]
-
-        def add(u, v):
-            ru, rv = find(u), find(v)
-            if ru == rv:
-                return False
-            parent_uf[ru] = rv
-            tree[u].add(v)
-            tree[v].add(u)
-            return True
-
-        for q in cg:
-            for u, v in zip(q[:-1], q[1:]):
-                if v not in tree[u] and not add(u, v):
-                    raise ValueError(
-                        f"the bonds of the CG dihedrals close a ring at bond ({u}, {v}) of {q}; "
-                        "CG dihedrals must not form a ring among themselves"
-                    )
-        visited, queue = {root}, deque([root])
-        while queue:
-            u = queue.popleft()
-            for v in sorted(adj[u]):
-                add(u, v)
-                if v not in visited:
-                    visited.add(v)
-                    queue.append(v)
-        self.ring_closures = sorted({(min(u, v), max(u, v)) for u in range(n) for v in adj[u] if v not in tree[u]})
-
-        # --- root the tree
-        par = [-1] * n
-        order_bfs, queue = [root], deque([root])
-        seen = {root}
-        while queue:
-            u = queue.popleft()
-            for v in sorted(tree[u]):
-                if v not in seen:
-                    seen.add(v)
-                    par[v] = u
-                    order_bfs.append(v)
-                    queue.append(v)
-
-        def proper_l(j, k):
-            """Torsion reference for the first child of j (k = parent of j)."""
-            if k == root:
-                return s1 if j != s1 else s2
-            return par[k]
-
-        # which end of each CG dihedral is placed, and must be the first child of its parent
-        required_first: dict[int, int] = {}
-        cg_end: list[int] = []
-        for q in cg:
-            a, b, c, d = q
-            end = None
-            for (w, x, y, z) in ((a, b, c, d), (d, c, b, a)):
-                # end atom z, parent y, grandparent x, torsion reference must be w
-                if par[z] == y and par[y] == x and proper_l(y, x) == w and y != root:
-                    end = z
-                    break
-            if end is None:
-                raise ValueError(
-                    f"CG dihedral {q} cannot be made a single Z-matrix torsion with the tree rooted at atom {root} "
-                    f"(seeds {self.seeds}); list first a CG dihedral whose central bond is near it, or pass fewer CG dihedrals"
-                )
-            if required_first.get(par[end], end) != end:
-                raise ValueError(
-                    f"CG dihedral {q} and another CG dihedral both need atom {par[end]}'s first torsion; "
-                    "two CG dihedrals sharing three atoms are not supported"
-                )
-            required_first[par[end]] = end
-            cg_end.append(end)
-
-        children: list[list[int]] = [[] for _ in range(n)]
-        for v in range(n):
-            if par[v] >= 0:
-                children[par[v]].append(v)
-        for u in range(n):
-            if u == root:
-                children[u].sort(key=lambda v: (v != s1, v != s2, len(adj[v]) == 1, v))
-            else:
-                children[u].sort(key=lambda v: (required_first.get(u) != v, len(adj[v]) == 1, v))
-        order, queue = [root], deque([root])
-        while queue:
-            u = queue.popleft()
-            for v in children[u]:
-                order.append(v)
-                queue.append(v)
-        self.placement_order = order
-        self.parent = par
-
-        # --- rows
-        zmat = [[root, -1, -1, -1], [s1, root, -1, -1], [s2, root, s1, -1]]
-        bond_ij = [(s1, root), (s2, root)]
-        angle_ijk = [(s2, root, s1)]
-        torsions, kinds = [], []
-        cg_index = {end: ci for ci, end in enumerate(cg_end)}
-        for i in order[3:]:
-            j = par[i]
-            if j == root:
-                k, l, kind = s1, s2, "improper"
-            else:
-                k = par[j]
-                first = children[j][0]
-                if i == first:
-                    l, kind = proper_l(j, k), "proper"
-                else:
-                    l, kind = first, "improper"
-            if i in cg_index:
-                kind = "cg"
-            zmat.append([i, j, k, l])
-            bond_ij.append((i, j))
-            angle_ijk.append((i, j, k))
-            torsions.append((i, j, k, l))
-            kinds.append(kind)
-        self.zmatrix = np.array(zmat, dtype=np.int64)
-        self.torsion_kind = kinds
-        # CG torsions are the expected dihedrals (same value either direction)
-        cg_rows = [None] * self.n_cg
-        for t, (i, *_rest) in enumerate(torsions):
-            if i in cg_index:
-                ci = cg_index[i]
-                assert set(torsions[t]) == set(cg[ci]) and torsions[t][2] in cg[ci][1:3]
-                cg_rows[ci] = t
-        fine_rows = [t for t, kd in enumerate(kinds) if kd != "cg"]
+        self.seeds = zm.seeds
+        self.ring_closures = zm.ring_closures
+        self.placement_order = zm.placement_order
+        self.parent = zm.parent
+        self.zmatrix = zm.rows
+        self.torsion_kind = zm.torsion_kind
+        root, s1, s2 = zm.seeds
+        bond_ij, angle_ijk, torsions, kinds = zm.bonds, zm.angles, zm.torsions, zm.torsion_kind
+        cg_rows, fine_rows = zm.cg_rows, zm.fine_rows
 
         self._bond_idx = torch.tensor(bond_ij, dtype=torch.long)  # [n-1, 2]
         self._angle_idx = torch.tensor(angle_ijk, dtype=torch.long)  # [n-2, 3]

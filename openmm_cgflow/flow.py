@@ -35,17 +35,13 @@ import math
 from typing import Sequence
 
 import torch
+from openmm_cgflow_plugin.cgspace import wrap_angle
 from torch import nn
 
 __all__ = ["ConditionalFlow", "flow_for", "rq_spline"]
 
 _PI = math.pi
 _TWO_PI = 2.0 * math.pi
-
-
-def _wrap(x: torch.Tensor) -> torch.Tensor:
-    """Angles wrapped into [-pi, pi)."""
-    return torch.remainder(x + _PI, _TWO_PI) - _PI
 
 
 def rq_spline(
@@ -241,9 +237,9 @@ class ConditionalFlow(nn.Module):
         cg_loc, cg_scale: standardisation of non-periodic CG dims, context = (s - loc) / scale
             (sequences of length n_cg, entries of periodic dims are ignored; default 0 and 1).
         dtype: parameter dtype (float64 by default; float32 trains faster).
-        seed: seed for the masks and periodic shifts (the weights use torch's global RNG unless
-            ``init_seed`` is given).
-        init_seed: if given, weights are initialised from this seed.
+        seed: seed for the masks and periodic shifts, and for the initial weights unless ``init_seed`` is
+            given. Construction never changes torch's global RNG state: the same seeds give the same flow.
+        init_seed: seed of the initial weights (default: ``seed``).
 
     Methods ``sample`` and ``log_prob`` return densities of the fine coordinates given s.
     """
@@ -289,31 +285,34 @@ class ConditionalFlow(nn.Module):
         )
 
         g = torch.Generator().manual_seed(seed)
-        if init_seed is not None:
-            torch.manual_seed(init_seed)
-        layers, shifts = [], []
-        mask = None
-        for i in range(n_layers):
-            if n_fine == 1:
-                transformed = torch.tensor([0])
-            else:
-                if i % 2 == 0:
-                    perm = torch.randperm(n_fine, generator=g)
-                    mask = torch.zeros(n_fine, dtype=torch.bool)
-                    mask[perm[: n_fine // 2]] = True
+        # nn.Linear draws its initial weights from torch's default CPU generator: seed it with init_seed
+        # inside fork_rng, which restores the caller's RNG state afterwards (no global RNG change)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(int(seed if init_seed is None else init_seed))
+            layers, shifts = [], []
+            mask = None
+            for i in range(n_layers):
+                if n_fine == 1:
+                    transformed = torch.tensor([0])
                 else:
-                    mask = ~mask
-                transformed = torch.nonzero(mask).flatten()
-            layers.append(_SplineCoupling(circular, transformed, self.n_context, hidden, n_bins, tail_bound))
-            shifts.append(torch.where(circular, (torch.rand(n_fine, generator=g, dtype=torch.float64) * 2 - 1) * _PI, 0.0))
+                    if i % 2 == 0:
+                        perm = torch.randperm(n_fine, generator=g)
+                        mask = torch.zeros(n_fine, dtype=torch.bool)
+                        mask[perm[: n_fine // 2]] = True
+                    else:
+                        mask = ~mask
+                    transformed = torch.nonzero(mask).flatten()
+                layers.append(_SplineCoupling(circular, transformed, self.n_context, hidden, n_bins, tail_bound))
+                shifts.append(torch.where(circular, (torch.rand(n_fine, generator=g, dtype=torch.float64) * 2 - 1) * _PI, 0.0))
+            affine = None
+            if affine_hidden is not None and bool((~circular).any()):
+                affine = _ConditionalAffine(circular, self.n_context, affine_hidden)
         if shifts:
             # the last shift undoes the others, so that the flow with identity splines is exactly the identity
-            shifts[-1] = torch.where(circular, _wrap(-torch.stack(shifts[:-1]).sum(0)), 0.0) if len(shifts) > 1 else torch.zeros(n_fine, dtype=torch.float64)
+            shifts[-1] = torch.where(circular, wrap_angle(-torch.stack(shifts[:-1]).sum(0)), 0.0) if len(shifts) > 1 else torch.zeros(n_fine, dtype=torch.float64)
         self.layers = nn.ModuleList(layers)
-        self.affine = None
+        self.affine = affine
         self.affine_last = bool(affine_last)
-        if affine_hidden is not None and bool((~circular).any()):
-            self.affine = _ConditionalAffine(circular, self.n_context, affine_hidden)
         self.register_buffer("shifts", torch.stack(shifts) if shifts else torch.zeros(0, n_fine, dtype=torch.float64))
         self.to(dtype)
 
@@ -350,7 +349,7 @@ class ConditionalFlow(nn.Module):
     def _shift(self, x, i, sign):
         if not self.circular.any():
             return x
-        return torch.where(self.circular, _wrap(x + sign * self.shifts[i].to(x.dtype)), x)
+        return torch.where(self.circular, wrap_angle(x + sign * self.shifts[i].to(x.dtype)), x)
 
     # ------------------------------------------------------------------ transforms
     def forward_transform(self, z: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,7 +373,7 @@ class ConditionalFlow(nn.Module):
         ctx = self.context(s)
         x = fine.to(self.dtype)
         if self.circular.any():
-            x = torch.where(self.circular, _wrap(x), x)
+            x = torch.where(self.circular, wrap_angle(x), x)
         logdet = torch.zeros(x.shape[0], dtype=self.dtype, device=x.device)
         if self.affine is not None and self.affine_last:
             x, logdet = self.affine(x, ctx, inverse=True)
@@ -403,16 +402,20 @@ class ConditionalFlow(nn.Module):
 def flow_for(cgsystem, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> ConditionalFlow:
     """A :class:`ConditionalFlow` with the package's default size for ``cgsystem`` (a CGSystem).
 
-    One fine coordinate (Mueller-Brown): 3 conditional spline layers of width 64, the CG input standardised
-    over s in [-2.5, 1.1] nm. Molecules: 8 coupling layers of width 192. ``overrides`` go to the constructor.
+    The constructor's defaults (molecules: 8 coupling layers of width 192), updated by the flow keyword
+    arguments of the system's registry entry (:mod:`openmm_cgflow.registry`; e.g. Mueller-Brown's small
+    flow), then by ``overrides``.
     """
+    from .registry import entry_for
+
     coords = cgsystem.coordinates
     circular = getattr(coords, "circular", None)
     n_fine = int(coords.n_fine)
     if circular is None:
         circular = [False] * n_fine
     kwargs = dict(dtype=dtype, seed=seed, init_seed=seed)
-    if n_fine == 1:
-        kwargs.update(n_layers=3, hidden=(64, 64), cg_loc=[-0.7] * cgsystem.n_cg, cg_scale=[1.04] * cgsystem.n_cg)
+    item = entry_for(cgsystem)
+    if item is not None:
+        kwargs.update(item.flow)
     kwargs.update(overrides)
     return ConditionalFlow(n_fine, circular, cgsystem.n_cg, cgsystem.cg_periodic, **kwargs)

@@ -4,9 +4,10 @@ For each CG point s, with fine_i ~ q(. | s), x_i = x(fine_i, s) and log p~_i = -
 
     A(s) = -ln (1/N) sum_i exp(log p~_i - log q_i)        (kT, up to one constant shared by all points)
 
-computed by log-sum-exp in float64. Samples that are not finite or have the wrong chirality (D-alanine)
-get weight zero but stay in N, so the estimate is of the reference-chirality free energy. Reported with the
-Kish effective sample size and a delta-method standard error, SE(A)^2 = (N / ESS - 1) / (N - 1).
+computed by log-sum-exp in float64, with the log weights of :func:`openmm_cgflow.importance.log_weights`.
+Samples that are not finite or have the wrong chirality (D-alanine) get weight zero but stay in N, so the
+estimate is of the reference-chirality free energy. Reported with the Kish effective sample size (the
+plugin's ``kish_ess``) and a delta-method standard error, SE(A)^2 = (N / ESS - 1) / (N - 1).
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from openmm_cgflow_plugin.statistics import kish_ess
 
-__all__ = ["FreeEnergyLabels", "free_energy", "log_weights"]
+from .importance import log_weights
+
+__all__ = ["FreeEnergyLabels", "free_energy"]
 
 
 @dataclass
@@ -42,25 +46,6 @@ class FreeEnergyLabels:
     def ess_fraction(self) -> np.ndarray:
         """ESS / N per point."""
         return self.ess / self.n_samples
-
-
-@torch.no_grad()
-def log_weights(flow, coordinates, energy, s: torch.Tensor, generator=None):
-    """Importance log weights for one flow sample per row of s [B, n_cg].
-
-    Returns (log_w [B] float64 with -inf for excluded samples, nonfinite [B] bool, wrong_chirality [B] bool).
-    """
-    coords = getattr(coordinates, "coordinates", coordinates)
-    fine, log_q = flow.sample(s.to(flow.dtype), generator=generator)
-    x, log_det = coords.to_cartesian(fine.to(torch.float64), s.to(torch.float64))
-    finite_x = torch.isfinite(x).reshape(x.shape[0], -1).all(dim=1)
-    x_safe = torch.where(finite_x[:, None, None], x, torch.zeros_like(x))
-    u = energy.energy(x_safe)
-    log_w = -u + log_det - log_q.to(torch.float64)
-    nonfinite = ~(finite_x & torch.isfinite(log_w))
-    wrong = ~nonfinite & ~coords.chirality_ok(x_safe).to(log_w.device)
-    log_w = torch.where(nonfinite | wrong, torch.full_like(log_w, -math.inf), log_w)
-    return log_w, nonfinite, wrong
 
 
 def free_energy(flow, cgsystem, bridge, s_points, n_samples: int, batch_size: int = 4096,
@@ -89,10 +74,9 @@ def free_energy(flow, cgsystem, bridge, s_points, n_samples: int, batch_size: in
             bad[p0 : p0 + len(pts)] += nf.reshape(len(pts), -1).sum(1)
             wrong[p0 : p0 + len(pts)] += wr.reshape(len(pts), -1).sum(1)
     lse1 = torch.logsumexp(log_w, dim=1)
-    lse2 = torch.logsumexp(2.0 * log_w, dim=1)
     usable = torch.isfinite(lse1)
     A = torch.where(usable, -(lse1 - math.log(n)), torch.full_like(lse1, math.inf))
-    ess = torch.where(usable, torch.exp(2.0 * lse1 - lse2), torch.zeros_like(lse1))
+    ess = torch.as_tensor(kish_ess(log_w, axis=1), dtype=torch.float64).reshape(m)
     if n > 1:
         var = torch.clamp(n / ess - 1.0, min=0.0) / (n - 1)
         stderr = torch.where(usable, torch.sqrt(var), torch.full_like(var, math.inf))

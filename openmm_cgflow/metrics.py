@@ -1,10 +1,13 @@
 """The one accuracy metric of the project: forward KL divergence D(p_ref || p_est) on a grid of bins.
 
-Two standard grids (design.md, "One metric for PMF accuracy"):
-
-* alanine dipeptide: 100 x 100 bins on [-pi, pi)^2 in IUPAC/mdtraj (phi, psi), radians. 2-D arrays are
-  indexed ``[i_phi, j_psi]`` (phi along axis 0).
-* Mueller-Brown: 100 bins on s = x - y in [-2.5, 1.1] (nm), beta = 0.1 mol/kJ.
+A *reference* is plain data, a dict with ``probabilities`` (per bin, any number of axes, summing to 1),
+``edges`` (one edge array per axis) and ``periodic`` (one bool per axis), optionally ``free_energy_kT``
+(same shape) and ``name``. Each system says what its reference is: the registry
+(:func:`openmm_cgflow.registry.reference`) maps a system name to it, e.g. alanine dipeptide's
+100 x 100 bins on [-pi, pi)^2 in IUPAC/mdtraj (phi, psi) (radians; 2-D arrays indexed ``[i_phi, j_psi]``)
+or Mueller-Brown's 100 bins on s = x - y in [-2.5, 1.1] nm (see :mod:`openmm_cgflow.mueller_brown`).
+Wherever a reference is expected, a registered system name, an npz path, such a dict, or a bare
+probability array whose axes all have the same number of bins (read as periodic axes on [-pi, pi)) works.
 
 ``p_est`` comes either from a PMF (``exp(-A)`` at the bin centres, normalised over all bins) or from
 samples (histogram smoothed by a Gaussian of one bin width, periodic where the coordinate is, plus a
@@ -16,22 +19,17 @@ Only numpy is required; torch is used lazily when a PMF is a torch module (e.g. 
 from __future__ import annotations
 
 import os
-from importlib import resources
 from typing import Callable, Sequence, Union
 
 import numpy as np
+from openmm_cgflow_plugin.statistics import weighted_histogram
+
+from . import registry
 
 #: Number of bins per periodic dihedral axis of the standard torus grid.
 TORUS_BINS = 100
-#: Mueller-Brown CG grid: 100 bins on s = x - y in [-2.5, 1.1].
-MB_BINS = 100
-MB_RANGE = (-2.5, 1.1)
-#: Mueller-Brown inverse temperature, mol/kJ (kT = 10 kJ/mol).
-MB_BETA = 0.1
 #: Floor added to smoothed sample histograms before normalising.
 HISTOGRAM_FLOOR = 1e-12
-#: File name of the packaged alanine-dipeptide reference (free energy + probabilities per bin).
-ALDP_REFERENCE_FILE = "aldp_reference_pmf.npz"
 
 ArrayLike = Union[np.ndarray, Sequence[float]]
 
@@ -57,17 +55,6 @@ def torus_grid_points(n: int = TORUS_BINS) -> np.ndarray:
     c = torus_bin_centres(n)
     phi, psi = np.meshgrid(c, c, indexing="ij")
     return np.stack([phi.ravel(), psi.ravel()], axis=1)
-
-
-def mb_bin_edges(n: int = MB_BINS) -> np.ndarray:
-    """Bin edges [n + 1] (nm) of the Mueller-Brown CG coordinate s = x - y on [-2.5, 1.1]."""
-    return np.linspace(MB_RANGE[0], MB_RANGE[1], n + 1)
-
-
-def mb_bin_centres(n: int = MB_BINS) -> np.ndarray:
-    """Bin centres [n] (nm) of the Mueller-Brown CG coordinate s = x - y."""
-    edges = mb_bin_edges(n)
-    return 0.5 * (edges[:-1] + edges[1:])
 
 
 # ----------------------------------------------------------------------------------------- the metric
@@ -160,15 +147,16 @@ def histogram_probabilities(
     """Bin probabilities from samples: histogram, Gaussian smoothing of one bin width, floor, normalise.
 
     Args:
-        samples: [N, d] (or [N] for d = 1) CG coordinates (radians for dihedrals, nm for Mueller-Brown).
+        samples: [N, d] (or [N] for d = 1) CG coordinates (radians for dihedrals, nm otherwise).
         bins: bins per dimension (int or one per dimension).
-        ranges: (low, high) per dimension. Periodic coordinates are wrapped into [low, high) first;
+        ranges: (low, high) per dimension. Periodic coordinates (angles, range [-pi, pi)) are wrapped first;
             non-periodic samples outside the range are dropped.
         periodic: per dimension (or one bool for all) whether the axis wraps around.
         smooth: apply the Gaussian smoothing (sigma = 1 bin, periodic where the axis is) and the
             1e-12 floor; ``False`` gives the raw normalised histogram.
         weights: optional non-negative weights [N] (e.g. reweighting factors of biased samples).
     Returns probabilities with shape ``bins`` (d axes, axis k = dimension k), summing to 1.
+    The histogram itself is :func:`openmm_cgflow_plugin.statistics.weighted_histogram`.
     """
     x = np.asarray(samples, dtype=np.float64)
     if x.ndim == 1:
@@ -178,16 +166,9 @@ def histogram_probabilities(
     periodic = [bool(periodic)] * d if np.isscalar(periodic) else [bool(p) for p in periodic]
     if len(ranges) != d or len(bins) != d or len(periodic) != d:
         raise ValueError("bins, ranges and periodic must have one entry per dimension")
-    x = x.copy()
-    for k in range(d):
-        lo, hi = ranges[k]
-        if periodic[k]:
-            x[:, k] = lo + np.mod(x[:, k] - lo, hi - lo)
-    w = None if weights is None else np.asarray(weights, dtype=np.float64)
-    h, _ = np.histogramdd(x, bins=bins, range=[tuple(r) for r in ranges], weights=w)
+    h, _ = weighted_histogram(x, weights, bins, [tuple(r) for r in ranges], periodic)
     if h.sum() <= 0:
         raise ValueError("no samples inside the histogram range")
-    h = h / h.sum()
     if not smooth:
         return h
     for k in range(d):
@@ -201,91 +182,69 @@ def torus_histogram(samples: ArrayLike, n: int = TORUS_BINS, smooth: bool = True
     return histogram_probabilities(samples, n, [(-np.pi, np.pi)] * 2, [True, True], smooth, weights)
 
 
-def mb_histogram(samples: ArrayLike, n: int = MB_BINS, smooth: bool = True, weights=None) -> np.ndarray:
-    """Smoothed (non-periodic) histogram probabilities [n] of Mueller-Brown s = x - y samples [N] (nm)."""
-    return histogram_probabilities(np.asarray(samples).reshape(-1, 1), n, [MB_RANGE], [False], smooth, weights)
+# --------------------------------------------------------------------------------------- references
+def grid_reference(probabilities: ArrayLike, edges: Sequence[ArrayLike], periodic: Sequence[bool],
+                   name: str = "", **extra) -> dict:
+    """A reference dict from bin probabilities (normalised here), edges per axis and periodicity per axis."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    edges = [np.asarray(e, dtype=np.float64) for e in edges]
+    periodic = [bool(q) for q in periodic]
+    if p.ndim != len(edges) or p.ndim != len(periodic) or any(len(e) - 1 != n for e, n in zip(edges, p.shape)):
+        raise ValueError(f"reference: probabilities of shape {p.shape} do not match {len(edges)} edge arrays "
+                         f"of {[len(e) - 1 for e in edges]} bins")
+    out = {"name": name, "probabilities": p / p.sum(), "edges": edges, "periodic": periodic}
+    out.update(extra)
+    return out
 
 
-# ------------------------------------------------------------------------------- Mueller-Brown exact
-def mueller_brown_reference(n: int = MB_BINS, sub: int = 40, df: float = 0.002,
-                            f_range: tuple[float, float] = (-5.0, 6.0), beta: float = MB_BETA) -> np.ndarray:
-    """Exact Mueller-Brown bin probabilities [n] along s = x - y by quadrature.
-
-    p(bin) = integral over s in the bin and over f = x + y of exp(-beta U(x, y)), with x = (s + f)/2,
-    y = (f - s)/2 (constant Jacobian 1/2, cancelled by normalisation). Midpoint rule with ``sub``
-    points per bin in s and step ``df`` (nm) in f over ``f_range`` (the integrand is negligible outside).
-    Normalised over the n bins of [-2.5, 1.1].
-    """
-    from .mueller_brown import potential
-
-    edges = mb_bin_edges(n)
-    ds = (edges[1] - edges[0]) / sub
-    s = edges[0] + ds * (np.arange(n * sub) + 0.5)
-    f = np.arange(f_range[0] + 0.5 * df, f_range[1], df)
-    p = np.empty(n * sub)
-    chunk = 256
-    for i in range(0, len(s), chunk):
-        si = s[i:i + chunk, None]
-        x, y = 0.5 * (si + f[None, :]), 0.5 * (f[None, :] - si)
-        u = beta * potential(x, y)
-        p[i:i + chunk] = np.exp(-u).sum(axis=1)
-    p = p.reshape(n, sub).sum(axis=1)
-    return p / p.sum()
+def load_reference_npz(path: str | os.PathLike) -> dict:
+    """A reference from an npz with ``probabilities`` and either ``edges_0 ... edges_{d-1}`` (plus an optional
+    boolean ``periodic``) or ``phi_edges``/``psi_edges`` (two dihedrals, as ``benchmarks/reference_metad.py``
+    writes). Optional ``free_energy_kT`` and ``self_consistency_kld`` are kept."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reference file not found: {path}")
+    with np.load(path) as z:
+        p = np.array(z["probabilities"], dtype=np.float64)
+        if "phi_edges" in z:
+            edges, periodic = [np.array(z["phi_edges"]), np.array(z["psi_edges"])], [True, True]
+        else:
+            edges = [np.array(z[f"edges_{k}"]) for k in range(p.ndim)]
+            periodic = [bool(q) for q in z["periodic"]] if "periodic" in z else [False] * p.ndim
+        extra = {}
+        if "free_energy_kT" in z:
+            extra["free_energy_kT"] = np.array(z["free_energy_kT"])
+        if "self_consistency_kld" in z:
+            extra["self_consistency_kld"] = float(z["self_consistency_kld"])
+    return grid_reference(p, edges, periodic, name=os.path.basename(path), **extra)
 
 
-def mueller_brown_reference_pmf(n: int = MB_BINS) -> np.ndarray:
-    """Exact Mueller-Brown PMF [n] in kT (minimum 0) per bin of s = x - y (bin-integrated)."""
-    return probabilities_to_pmf(mueller_brown_reference(n))
+def load_reference(name: str, path: str | os.PathLike | None = None) -> dict:
+    """The reference of the registered system ``name`` (:func:`openmm_cgflow.registry.reference`), or the one
+    in the npz file ``path`` when given (see :func:`load_reference_npz`)."""
+    if path is not None:
+        return load_reference_npz(path)
+    return registry.reference(name)
 
 
-# --------------------------------------------------------------------------------- references + API
-def load_reference(name: str = "alanine-dipeptide", path: str | os.PathLike | None = None) -> dict:
-    """A reference as a dict with ``probabilities`` (bins), ``edges`` (list of edge arrays), ``periodic``.
-
-    ``name``: ``"alanine-dipeptide"`` (the packaged well-tempered-metadynamics reference, [100, 100]
-    ``[i_phi, j_psi]``; or ``path`` to an npz written by ``benchmarks/reference_metad.py``) or
-    ``"mueller-brown"`` (exact quadrature, [100]).
-    """
-    key = name.lower().replace("_", "-")
-    if key in ("mueller-brown", "muller-brown", "mb"):
-        return {"name": "mueller-brown", "probabilities": mueller_brown_reference(),
-                "edges": [mb_bin_edges()], "periodic": [False]}
-    if key in ("alanine-dipeptide", "aldp", "ala2"):
-        if path is None:
-            path = resources.files("openmm_cgflow").joinpath("data", ALDP_REFERENCE_FILE)
-        with np.load(str(path)) as z:
-            p = np.array(z["probabilities"], dtype=np.float64)
-            out = {"name": "alanine-dipeptide", "probabilities": p / p.sum(),
-                   "edges": [np.array(z["phi_edges"]), np.array(z["psi_edges"])], "periodic": [True, True]}
-            if "free_energy_kT" in z:
-                out["free_energy_kT"] = np.array(z["free_energy_kT"])
-            if "self_consistency_kld" in z:
-                out["self_consistency_kld"] = float(z["self_consistency_kld"])
-        return out
-    raise ValueError(f"unknown reference {name!r}")
-
-
-def _as_reference(reference) -> dict:
+def as_reference(reference) -> dict:
+    """A reference dict from a dict, a registered system name, an npz path, or a bare probability array whose
+    axes all have the same number of bins (periodic axes on [-pi, pi), radians)."""
     if isinstance(reference, dict):
         return reference
     if isinstance(reference, (str, os.PathLike)):
-        s = str(reference)
-        if s.endswith(".npz"):
-            return load_reference("alanine-dipeptide", path=s)
-        return load_reference(s)
+        s = os.fspath(reference)
+        return load_reference_npz(s) if s.endswith(".npz") else registry.reference(s)
     p = np.asarray(reference, dtype=np.float64)
-    if p.ndim == 2 and p.shape == (TORUS_BINS, TORUS_BINS):
-        return {"name": "alanine-dipeptide", "probabilities": p / p.sum(),
-                "edges": [torus_bin_edges(), torus_bin_edges()], "periodic": [True, True]}
-    if p.ndim == 1 and p.shape == (MB_BINS,):
-        return {"name": "mueller-brown", "probabilities": p / p.sum(), "edges": [mb_bin_edges()],
-                "periodic": [False]}
-    raise ValueError("reference must be a name, an npz path, a dict or a standard probability grid")
+    if p.ndim >= 1 and p.size and len(set(p.shape)) == 1:
+        return grid_reference(p, [torus_bin_edges(p.shape[0])] * p.ndim, [True] * p.ndim)
+    raise ValueError("reference must be a registered system name, an npz path, a dict or a probability grid "
+                     "with the same number of bins on every (periodic) axis")
 
 
 def reference_grid_points(reference) -> np.ndarray:
     """Bin centres of a reference's grid as points [n_bins, d] (row-major, axis 0 first)."""
-    ref = _as_reference(reference)
+    ref = as_reference(reference)
     centres = [0.5 * (e[:-1] + e[1:]) for e in ref["edges"]]
     mesh = np.meshgrid(*centres, indexing="ij")
     return np.stack([m.ravel() for m in mesh], axis=1)
@@ -307,19 +266,20 @@ def _evaluate_pmf(pmf: Callable, points: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=np.float64).reshape(-1)
 
 
-def kld_from_pmf(pmf: Union[Callable, ArrayLike], reference="alanine-dipeptide") -> float:
-    """Forward KLD D(p_ref || exp(-A)) of a PMF on a standard grid.
+# ----------------------------------------------------------------------------------------- the API
+def kld_from_pmf(pmf: Union[Callable, ArrayLike], reference) -> float:
+    """Forward KLD D(p_ref || exp(-A)) of a PMF on a reference's grid.
 
     Args:
         pmf: a callable taking CG points [N, d] (numpy array, or float64 tensor for a torch module such
              as a loaded ``pmf.pt``) and returning A [N] in kT; or A already evaluated at the bin
              centres (shape of the reference grid, or flat in the row-major order of
              :func:`reference_grid_points`).
-        reference: ``"alanine-dipeptide"`` (100 x 100 on [-pi, pi)^2), ``"mueller-brown"`` (100 bins on
-             s in [-2.5, 1.1]), an npz path, a dict from :func:`load_reference`, or a probability grid.
+        reference: a registered system name (e.g. ``"alanine-dipeptide"``: 100 x 100 on [-pi, pi)^2), an npz
+             path, a reference dict, or a probability grid (see :func:`as_reference`).
     Returns the divergence in nats.
     """
-    ref = _as_reference(reference)
+    ref = as_reference(reference)
     p_ref = ref["probabilities"]
     if callable(pmf):
         A = _evaluate_pmf(pmf, reference_grid_points(ref))
@@ -329,15 +289,15 @@ def kld_from_pmf(pmf: Union[Callable, ArrayLike], reference="alanine-dipeptide")
     return forward_kld(p_ref, pmf_to_probabilities(A))
 
 
-def kld_from_samples(samples: ArrayLike, reference="alanine-dipeptide", weights=None) -> float:
-    """Forward KLD D(p_ref || smoothed histogram of samples) on a standard grid.
+def kld_from_samples(samples: ArrayLike, reference, weights=None) -> float:
+    """Forward KLD D(p_ref || smoothed histogram of samples) on a reference's grid.
 
     Args:
-        samples: CG samples [N, d] (radians for (phi, psi); nm for Mueller-Brown s, shape [N] or [N, 1]).
+        samples: CG samples [N, d] (radians for dihedrals; nm otherwise; [N] for d = 1).
         reference: as in :func:`kld_from_pmf`.
         weights: optional per-sample weights [N] (reweighting).
     """
-    ref = _as_reference(reference)
+    ref = as_reference(reference)
     p_ref = ref["probabilities"]
     edges = ref["edges"]
     q = histogram_probabilities(samples, [len(e) - 1 for e in edges], [(e[0], e[-1]) for e in edges],

@@ -3,54 +3,44 @@
 One file holds everything backmapping and retraining need, so ``cgflow backmap RUN_DIR ...`` works on
 another machine: the flow's constructor arguments and weights, and the :class:`~openmm_cgflow.systems.CGSystem`
 (OpenMM System as XML, topology with its bonds, reference positions in nm, temperature in K, CG dihedrals
-and chiral centres). Writes are atomic (temporary file + rename), so a crash never leaves half a file.
+and chiral centres). A system built from the registry (``builtin(name)``) also stores its registered name
+and options; one that cannot be written as data (no atoms to describe, e.g. Mueller-Brown) is stored by
+its name only and rebuilt through the registry. Writes go through
+:func:`openmm_cgflow_plugin.files.atomic_write`, so a crash never leaves half a file.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import tempfile
 
 import numpy as np
 import openmm
 import openmm.app as app
 import torch
+from openmm_cgflow_plugin.files import atomic_write
 
+from . import registry, systems
 from .flow import ConditionalFlow
 
-__all__ = ["save_model", "load_model", "atomic_torch_save", "system_to_dict", "system_from_dict"]
+__all__ = ["save_model", "load_model", "system_to_dict", "system_from_dict"]
 
 FORMAT = "openmm-cgflow-model/1"
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through a temporary file in the same directory and ``os.replace``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def system_to_dict(cgsystem) -> dict:
     """Plain-data description of a CGSystem (strings, lists, arrays) from which it can be rebuilt."""
-    if cgsystem.name == "mueller-brown" and not cgsystem.cg_atoms:
-        return {"builtin": "mueller-brown"}
+    named = {"name": cgsystem.name}
+    if cgsystem.builtin is not None:
+        named.update(builtin=cgsystem.builtin, builtin_options=dict(cgsystem.builtin_options))
+        if not cgsystem.cg_atoms:  # nothing atomistic to describe: rebuilt from the registry by name
+            return named
     buf = io.StringIO()
     app.PDBFile.writeFile(cgsystem.topology, cgsystem.positions * 10.0 * openmm.unit.angstrom, buf)
     atom_index = {atom: i for i, atom in enumerate(cgsystem.topology.atoms())}
     bonds = [(atom_index[a], atom_index[b]) for a, b in cgsystem.topology.bonds()]
     return {
-        "name": cgsystem.name,
+        **named,
         "system_xml": openmm.XmlSerializer.serialize(cgsystem.system),
         "pdb": buf.getvalue(),
         "bonds": bonds,
@@ -64,21 +54,34 @@ def system_to_dict(cgsystem) -> dict:
 
 def system_from_dict(d: dict):
     """Inverse of :func:`system_to_dict`."""
-    from . import systems
-
-    if "builtin" in d:
-        return systems.builtin(d["builtin"])
+    if "system_xml" not in d:
+        return registry.builtin(d["builtin"], **d.get("builtin_options", {}))
     system = openmm.XmlSerializer.deserialize(d["system_xml"])
-    pdb = app.PDBFile(io.StringIO(d["pdb"]))
-    topology = pdb.topology
-    atoms = list(topology.atoms())
-    topology._bonds = []  # the stored bond list is authoritative (PDB CONECT records are incomplete)
-    for i, j in d["bonds"]:
-        topology.addBond(atoms[i], atoms[j])
-    return systems.from_openmm(
+    topology = _topology_with_bonds(app.PDBFile(io.StringIO(d["pdb"])).topology, d["bonds"])
+    cgsystem = systems.from_openmm(
         system, topology, d["positions_nm"], d["temperature_K"], [tuple(q) for q in d["cg_atoms"]],
         name=d["name"], cg_names=d["cg_names"], chiral_centres=[tuple(q) for q in d["chiral_centres"]],
     )
+    cgsystem.builtin = d.get("builtin")
+    cgsystem.builtin_options = dict(d.get("builtin_options", {}))
+    return cgsystem
+
+
+def _topology_with_bonds(source: app.Topology, bonds) -> app.Topology:
+    """A copy of ``source`` (chains, residues, atoms) whose bonds are exactly ``bonds`` (pairs of 0-based atom
+    indices): the stored bond list is authoritative, a PDB's CONECT records are incomplete."""
+    topology = app.Topology()
+    atoms = []
+    for chain in source.chains():
+        new_chain = topology.addChain(chain.id)
+        for residue in chain.residues():
+            new_residue = topology.addResidue(residue.name, new_chain, residue.id, residue.insertionCode)
+            for atom in residue.atoms():
+                atoms.append(topology.addAtom(atom.name, atom.element, new_residue, atom.id))
+    topology.setPeriodicBoxVectors(source.getPeriodicBoxVectors())
+    for i, j in bonds:
+        topology.addBond(atoms[int(i)], atoms[int(j)])
+    return topology
 
 
 def save_model(path: str | os.PathLike, flow: ConditionalFlow, cgsystem, **extra) -> None:
@@ -95,7 +98,8 @@ def save_model(path: str | os.PathLike, flow: ConditionalFlow, cgsystem, **extra
         "system": system_to_dict(cgsystem),
         "extra": extra,
     }
-    atomic_torch_save(payload, path)
+    with atomic_write(path) as fh:
+        torch.save(payload, fh)
 
 
 def load_model(path: str | os.PathLike, return_extra: bool = False):

@@ -3,12 +3,22 @@
 Energies in kJ/mol with x, y in nm (one particle; z carries no energy). At T = 1202.7 K, kT = 10 kJ/mol,
 i.e. beta = 0.1 per energy unit as in the literature. The CG coordinate is s = x - y and the fine
 coordinate s_perp = x + y.
+
+This module registers the system ``"mueller-brown"`` (:mod:`openmm_cgflow.registry`) with its 1-D
+active-learning settings, its flow size and its exact reference: 100 bins on s in [-2.5, 1.1] nm, the
+bin probabilities integrated by quadrature.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import openmm
+import openmm.app as app
+
+from . import metrics
+from .coordinates import LinearCoordinates
+from .registry import register_system
+from .systems import CGSystem
 
 #: Temperature (K) at which kT = 10 kJ/mol (beta = 0.1 mol/kJ).
 TEMPERATURE = 1202.7
@@ -22,6 +32,22 @@ Y0 = (0.0, 0.5, 1.5, 1.0)
 
 #: Upper-left minimum (nm), the starting basin of the active-learning demo.
 UPPER_LEFT_MINIMUM = (-0.558, 1.442)
+#: Inverse temperature, mol/kJ (kT = 10 kJ/mol).
+BETA = 0.1
+#: The reference grid: 100 bins on s = x - y in [-2.5, 1.1] nm.
+BINS = 100
+RANGE = (-2.5, 1.1)
+
+#: Active-learning settings of the 1-D problem (LearnerSettings overrides; lengths in nm).
+SETTINGS = dict(
+    domain=[[-2.5, 1.1]], radius=0.12, initial_radius=0.25, initial_points=40, new_centres=4,
+    points_per_centre=10, n_walkers=50, walker_steps=4_000, report_interval=20,
+    first_epochs=150, epochs=100, samples_per_point=8, lr=3e-3, lr_final=3e-5, drop_worst=0,
+    label_samples=1000, flow_dtype="float64",
+)
+#: Flow size for one fine coordinate: 3 conditional spline layers of width 64, the CG input standardised
+#: over s in [-2.5, 1.1] nm.
+FLOW = dict(n_layers=3, hidden=(64, 64), cg_loc=[-0.7], cg_scale=[1.04])
 
 
 def potential(x, y):
@@ -51,3 +77,78 @@ def create_system(mass: float = 1.0) -> openmm.System:
     force.addParticle(0, [])
     system.addForce(force)
     return system
+
+
+def cgsystem() -> CGSystem:
+    """Mueller-Brown particle at T = 1202.7 K (kT = 10 kJ/mol); CG coordinate s = x - y (nm), fine x + y."""
+    topology = app.Topology()
+    residue = topology.addResidue("MB", topology.addChain())
+    topology.addAtom("P", None, residue)
+    x0, y0 = UPPER_LEFT_MINIMUM
+    return CGSystem(
+        name="mueller-brown",
+        system=create_system(),
+        topology=topology,
+        positions=np.array([[x0, y0, 0.0]]),
+        temperature=TEMPERATURE,
+        cg_atoms=[],
+        cg_names=["s"],
+        cg_periodic=[False],
+        coordinates=LinearCoordinates(),
+    )
+
+
+# ------------------------------------------------------------------------------------- the reference
+def bin_edges(n: int = BINS) -> np.ndarray:
+    """Bin edges [n + 1] (nm) of the CG coordinate s = x - y on [-2.5, 1.1]."""
+    return np.linspace(RANGE[0], RANGE[1], n + 1)
+
+
+def bin_centres(n: int = BINS) -> np.ndarray:
+    """Bin centres [n] (nm) of the CG coordinate s = x - y."""
+    edges = bin_edges(n)
+    return 0.5 * (edges[:-1] + edges[1:])
+
+
+def histogram(samples, n: int = BINS, smooth: bool = True, weights=None) -> np.ndarray:
+    """Smoothed (non-periodic) histogram probabilities [n] of s = x - y samples [N] (nm)."""
+    return metrics.histogram_probabilities(np.asarray(samples).reshape(-1, 1), n, [RANGE], [False], smooth, weights)
+
+
+def reference_probabilities(n: int = BINS, sub: int = 40, df: float = 0.002,
+                            f_range: tuple[float, float] = (-5.0, 6.0), beta: float = BETA) -> np.ndarray:
+    """Exact bin probabilities [n] along s = x - y by quadrature.
+
+    p(bin) = integral over s in the bin and over f = x + y of exp(-beta U(x, y)), with x = (s + f)/2,
+    y = (f - s)/2 (constant Jacobian 1/2, cancelled by normalisation). Midpoint rule with ``sub``
+    points per bin in s and step ``df`` (nm) in f over ``f_range`` (the integrand is negligible outside).
+    Normalised over the n bins of [-2.5, 1.1].
+    """
+    edges = bin_edges(n)
+    ds = (edges[1] - edges[0]) / sub
+    s = edges[0] + ds * (np.arange(n * sub) + 0.5)
+    f = np.arange(f_range[0] + 0.5 * df, f_range[1], df)
+    p = np.empty(n * sub)
+    chunk = 256
+    for i in range(0, len(s), chunk):
+        si = s[i:i + chunk, None]
+        x, y = 0.5 * (si + f[None, :]), 0.5 * (f[None, :] - si)
+        u = beta * potential(x, y)
+        p[i:i + chunk] = np.exp(-u).sum(axis=1)
+    p = p.reshape(n, sub).sum(axis=1)
+    return p / p.sum()
+
+
+def reference_pmf(n: int = BINS) -> np.ndarray:
+    """Exact PMF [n] in kT (minimum 0) per bin of s = x - y (bin-integrated)."""
+    return metrics.probabilities_to_pmf(reference_probabilities(n))
+
+
+def reference() -> dict:
+    """The KLD reference (see :mod:`openmm_cgflow.metrics`): exact probabilities on 100 bins of s."""
+    p = reference_probabilities()
+    return metrics.grid_reference(p, [bin_edges()], [False], name="mueller-brown",
+                                  free_energy_kT=metrics.probabilities_to_pmf(p))
+
+
+register_system("mueller-brown", cgsystem, settings=SETTINGS, flow=FLOW, reference=reference)

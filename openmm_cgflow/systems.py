@@ -3,6 +3,7 @@
 A :class:`CGSystem` bundles an OpenMM ``System``, its ``Topology``, a reference structure, the
 temperature and the CG coordinates, together with the coordinate transform the flow works in.
 Alanine dipeptide is built through the same generic :func:`from_openmm` path a user's molecule takes.
+Named systems (built-in or a user's) come from :mod:`openmm_cgflow.registry` (``builtin(name)``).
 Units: positions in nm, temperature in K, kT in kJ/mol, CG dihedrals in radians (mdtraj/IUPAC sign).
 """
 
@@ -18,11 +19,9 @@ import openmm
 import openmm.app as app
 import openmm.unit as unit
 
-from . import mueller_brown as _mb
-from .coordinates import InternalCoordinates, LinearCoordinates
+from openmm_cgflow_plugin.cgspace import CGSpace, kT_kJmol
 
-#: Molar gas constant in kJ/(mol K), OpenMM's value.
-MOLAR_GAS_CONSTANT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
+from .coordinates import InternalCoordinates
 
 CGSpec = Union[Sequence[int], str]
 
@@ -41,6 +40,8 @@ class CGSystem:
         cg_names: one name per CG coordinate.
         cg_periodic: whether each CG coordinate is periodic (dihedrals: period 2 pi).
         coordinates: the internal-coordinate transform (fine coordinates + CG coordinates).
+        builtin: the registered name it was built from by :func:`openmm_cgflow.registry.builtin` (None for
+            a system built directly); ``builtin_options`` the factory options it was built with.
     """
 
     name: str
@@ -52,11 +53,18 @@ class CGSystem:
     cg_names: list
     cg_periodic: list
     coordinates: object = field(repr=False)
+    builtin: str | None = None
+    builtin_options: dict = field(default_factory=dict)
 
     @property
     def kT(self) -> float:
         """Thermal energy in kJ/mol."""
-        return MOLAR_GAS_CONSTANT * self.temperature
+        return kT_kJmol(self.temperature)
+
+    @property
+    def cgspace(self) -> CGSpace:
+        """The CG coordinates as the plugin's :class:`~openmm_cgflow_plugin.cgspace.CGSpace` (pmf.pt metadata)."""
+        return CGSpace(self.cg_names, self.cg_periodic, self.temperature, self.cg_atoms)
 
     @property
     def beta(self) -> float:
@@ -248,48 +256,3 @@ def from_pdb(
     system = ff.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False)
     label = name or os.path.splitext(os.path.basename(os.fspath(pdb_path)))[0]
     return from_openmm(system, pdb.topology, pdb.positions, temperature, cg, name=label)
-
-
-def alanine_dipeptide(temperature=300.0) -> CGSystem:
-    """ACE-ALA-NME in OBC implicit solvent (amber96.xml + amber96_obc.xml), CG coordinates (phi, psi) in radians."""
-    return from_pdb(data_path("alanine-dipeptide.pdb"), ["phi:ALA", "psi:ALA"], temperature, name="alanine-dipeptide")
-
-
-def proline_dipeptide(temperature=300.0) -> CGSystem:
-    """ACE-PRO-NME in OBC implicit solvent: a ring molecule, CG coordinates (phi, psi)."""
-    return from_pdb(data_path("proline-dipeptide.pdb"), ["phi:PRO", "psi:PRO"], temperature, name="proline-dipeptide")
-
-
-def mueller_brown() -> CGSystem:
-    """Mueller-Brown particle at T = 1202.7 K (kT = 10 kJ/mol); CG coordinate s = x - y (nm), fine x + y."""
-    topology = app.Topology()
-    residue = topology.addResidue("MB", topology.addChain())
-    topology.addAtom("P", None, residue)
-    x0, y0 = _mb.UPPER_LEFT_MINIMUM
-    return CGSystem(
-        name="mueller-brown",
-        system=_mb.create_system(),
-        topology=topology,
-        positions=np.array([[x0, y0, 0.0]]),
-        temperature=_mb.TEMPERATURE,
-        cg_atoms=[],
-        cg_names=["s"],
-        cg_periodic=[False],
-        coordinates=LinearCoordinates(),
-    )
-
-
-#: Built-in systems by the names the CLI accepts.
-BUILTIN = {
-    "alanine-dipeptide": alanine_dipeptide,
-    "mueller-brown": mueller_brown,
-    "proline-dipeptide": proline_dipeptide,
-}
-
-
-def builtin(name: str) -> CGSystem:
-    """A built-in system by name (see :data:`BUILTIN`)."""
-    try:
-        return BUILTIN[name]()
-    except KeyError:
-        raise ValueError(f"unknown system {name!r}; built-in systems are {sorted(BUILTIN)}") from None

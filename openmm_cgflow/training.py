@@ -7,7 +7,8 @@ comes from the :class:`~openmm_cgflow.bridge.EnergyBridge` (its autograd gradien
     loss = mean_i [ log q(fine_i | s_i) - ( -u(x_i) + log_det_i ) ]
 
 over the samples that are finite and have the reference chirality (D-alanine is masked out), after
-dropping the ``drop_worst`` largest per-sample losses of the batch. Stabilisers: linear learning-rate
+dropping the ``drop_worst`` largest per-sample losses of the batch. The samples and their importance
+weights come from :func:`openmm_cgflow.importance.draw`, as for the free-energy labels and backmapping. Stabilisers: linear learning-rate
 warm-up, gradient-norm clipping, skipping steps whose gradient is not finite. Every configuration sent to
 OpenMM is counted by the bridge (``bridge.n_evaluations``); the trainer reports it.
 
@@ -28,24 +29,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .importance import draw, ess_fraction
+
 __all__ = ["Trainer", "reverse_kl_loss", "ess_fraction", "EpochLog"]
 
 
 def _coordinates(obj):
     return getattr(obj, "coordinates", obj)
-
-
-def ess_fraction(log_w: torch.Tensor) -> torch.Tensor:
-    """Kish effective sample size over N along the last dim: (sum w)^2 / (N sum w^2), from log weights.
-
-    Non-finite log weights count as zero weight. Returns 0 where every weight is zero. Shape: [..., N] -> [...].
-    """
-    log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
-    n = log_w.shape[-1]
-    lse1 = torch.logsumexp(log_w, dim=-1)
-    lse2 = torch.logsumexp(2.0 * log_w, dim=-1)
-    ess = torch.exp(2.0 * lse1 - lse2) / n
-    return torch.where(torch.isfinite(lse1), ess, torch.zeros_like(ess))
 
 
 def reverse_kl_loss(flow, coordinates, energy, s: torch.Tensor, generator=None, drop_worst: int = 0,
@@ -70,16 +60,8 @@ def reverse_kl_loss(flow, coordinates, energy, s: torch.Tensor, generator=None, 
     log p~(fine, s) = -u(x) + log_det. If no sample is usable the loss is a zero that still depends on the
     parameters (its gradient is zero).
     """
-    coords = _coordinates(coordinates)
-    fine, log_q = flow.sample(s, generator=generator)
-    log_q = log_q.to(torch.float64)
-    x, log_det = coords.to_cartesian(fine.to(torch.float64), s.to(torch.float64))
-    finite_x = torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(dim=1)
-    # broken geometries never reach OpenMM's gradient path with NaN: substitute a harmless copy
-    x_safe = torch.where(finite_x[:, None, None], x, torch.zeros_like(x))
-    u = energy.energy(x_safe)
-    u = torch.where(finite_x, u, torch.full_like(u, math.inf))
-    log_p = -u + log_det
+    smp = draw(flow, coordinates, energy, s, generator)
+    fine, log_q, log_p, finite_x = smp.fine, smp.log_q, smp.log_p, smp.finite_x
     per = log_q - log_p
     per_loss = per
     if path_gradient:
@@ -93,10 +75,9 @@ def reverse_kl_loss(flow, coordinates, energy, s: torch.Tensor, generator=None, 
                 q.requires_grad_(True)
         per_loss = log_q_path - log_p
     with torch.no_grad():
-        chiral = coords.chirality_ok(x_safe.detach()).to(per.device)
-        wrong_chirality = finite_x & ~chiral
-        ok = torch.isfinite(per) & finite_x & chiral
-        log_w = torch.where(ok, -per, torch.full_like(per, -math.inf))
+        wrong_chirality = finite_x & ~smp.chirality_ok
+        ok = smp.usable
+        log_w = smp.masked_log_w()
         use = ok.clone()
         n_drop = min(int(drop_worst), max(int(ok.sum()) - 1, 0))
         if n_drop > 0:
@@ -222,13 +203,23 @@ class Trainer:
         self.optimizer.step()
         return True
 
-    def train_by_energy(self, s_points, epochs: int, lr_final: float | None = None) -> list[EpochLog]:
+    def train_by_energy(self, s_points, epochs: int, lr_final: float | None = None, *, lr: float | None = None,
+                        generator: torch.Generator | None = None, energy=None) -> list[EpochLog]:
         """Reverse-KL training at CG points s_points [M, n_cg] (radians / nm) for ``epochs`` epochs.
 
         An epoch visits every point ``samples_per_point`` times, ``points_per_batch`` points per step.
         With ``lr_final`` the learning rate decays geometrically from ``lr`` to it over these epochs.
+        ``lr`` (peak learning rate), ``generator`` (point shuffling and flow samples) and ``energy`` (the
+        energy object, u in kT), when given, replace the trainer's settings from this call on (None keeps
+        the current one), exactly as assigning ``trainer.lr`` / ``.generator`` / ``.energy`` would.
         Returns the epochs' logs (also appended to ``self.history``).
         """
+        if lr is not None:
+            self.lr = float(lr)
+        if generator is not None:
+            self.generator = generator
+        if energy is not None:
+            self.energy = energy
         if self.energy is None:
             raise ValueError("train_by_energy needs an energy object (EnergyBridge)")
         s_points = torch.as_tensor(np.asarray(s_points, dtype=np.float64)).reshape(len(s_points), -1)

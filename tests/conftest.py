@@ -8,16 +8,16 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def aldp():
-    from openmm_cgflow.systems import alanine_dipeptide
+    from openmm_cgflow import builtin
 
-    return alanine_dipeptide()
+    return builtin("alanine-dipeptide")
 
 
 @pytest.fixture(scope="session")
 def mb():
-    from openmm_cgflow.systems import mueller_brown
+    from openmm_cgflow import builtin
 
-    return mueller_brown()
+    return builtin("mueller-brown")
 
 
 @pytest.fixture

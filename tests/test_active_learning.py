@@ -1,5 +1,5 @@
 """Active learning end to end on Mueller-Brown (real OpenMM energies, real TorchForce walkers), the CLI's
-input checks, and crash/resume (SIGKILL) repeatability."""
+input checks, crash/resume (SIGKILL) repeatability, reporters and the run directory's atomic writes."""
 
 import json
 import os
@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_cgflow.active_learning import LearnerSettings, PMFLearner, farthest_points, neighbourhood, periodic_distance
-from openmm_cgflow.metrics import mb_bin_centres
+from openmm_cgflow import LearnerSettings, PMFLearner
+from openmm_cgflow.exploration import farthest_points, neighbourhood, periodic_distance
+from openmm_cgflow.mueller_brown import bin_centres as mb_bin_centres
+from openmm_cgflow.run_directory import RunDirectory
 
 SEED = 3
 CLI = [sys.executable, "-m", "openmm_cgflow.cli"]
@@ -167,3 +169,60 @@ def test_point_selection_is_periodic():
     nb = neighbourhood(np.array([[3.0, -3.0]]), 500, 0.6, [True, True], rng)
     assert np.all(nb >= -np.pi) and np.all(nb < np.pi)
     assert np.all(periodic_distance(nb, np.array([3.0, -3.0]), [True, True]) <= 0.6 + 1e-12)
+
+
+class _Recorder:
+    """A user's reporter: keeps every record it is given."""
+
+    def __init__(self):
+        self.records, self.closed = [], 0
+
+    def report(self, learner, record):
+        assert learner.history[-1] is record  # reported after the iteration is complete
+        assert os.path.exists(learner.checkpoint_path)
+        self.records.append(dict(record))
+
+    def close(self):
+        self.closed += 1
+
+
+def test_a_user_reporter_receives_every_iteration_record(tmp_path, mb):
+    rec = _Recorder()
+    st = LearnerSettings.for_system(mb, first_epochs=5, epochs=3, max_iterations=2, n_workers=0, seed=1,
+                                    walker_steps=200, n_walkers=10)
+    learner = PMFLearner(mb, tmp_path / "run", st, progress=False, plots=False, reporters=[rec])
+    learner.run()
+    assert [r["iteration"] for r in rec.records] == list(range(learner.iteration)) and len(rec.records) >= 1
+    assert rec.records == _records(tmp_path / "run") == learner.history
+    assert rec.closed >= 1
+    assert not (tmp_path / "run" / "plots").exists()
+
+
+def test_run_directory_writes_are_atomic(tmp_path):
+    """A write that fails half-way leaves the previous file intact and no temporary file behind."""
+    run = RunDirectory(tmp_path / "run")
+    run.write_iterations([{"iteration": 0}])
+    run.save_checkpoint({"iteration": 1, "points": np.zeros((2, 1))})
+    before = sorted(os.listdir(run.path))
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run.save_checkpoint({"iteration": 2, "bad": Boom()})
+    assert run.load_checkpoint()["iteration"] == 1
+
+    def half(fh):
+        fh.write(b"half a file")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        run.write_bytes(run.pmf_path, half)
+    assert not os.path.exists(run.pmf_path)
+    assert sorted(os.listdir(run.path)) == before
+    assert run.read_iterations() == [{"iteration": 0}]
+    with open(run.checkpoint_path, "wb") as fh:
+        fh.write(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable"):
+        run.load_checkpoint()

@@ -16,11 +16,14 @@ import openmm.unit as unit
 import pytest
 import torch
 
-from openmm_cgflow import backmap as B
 from openmm_cgflow import mueller_brown as M
+from openmm_cgflow.backmap_output import TrajectoryWriter, backmap_file
+from openmm_cgflow.backmapping import backmap, iter_backmap
 from openmm_cgflow.bridge import EnergyBridge
+from openmm_cgflow.cg_input import cg_frames, load_cg, md_topology
 from openmm_cgflow.cli import main as cli_main
 from openmm_cgflow.flow import flow_for
+from openmm_cgflow.importance import sample_proposal, weighted_estimate, weighted_histogram
 from openmm_cgflow.model_io import save_model
 from openmm_cgflow.training import Trainer
 
@@ -87,8 +90,8 @@ def md_frames(aldp):
 def md_backmapped(aldp, aldp_flow, aldp_bridge, md_frames):
     """Every 29th MD frame (300 frames; s computed from the all-atom trajectory) backmapped, 96 samples each,
     from a defensive proposal (half of the samples from the flow with its Gaussian base widened 1.3x)."""
-    traj = md.Trajectory(md_frames[::29], B.md_topology(aldp), time=np.arange(300) * 0.667)
-    return traj, B.backmap(traj, aldp_flow, aldp, n_per_frame=96, bridge=aldp_bridge, seed=1, proposal_scale=1.3)
+    traj = md.Trajectory(md_frames[::29], md_topology(aldp), time=np.arange(300) * 0.667)
+    return traj, backmap(traj, aldp_flow, aldp, n_per_frame=96, bridge=aldp_bridge, seed=1, proposal_scale=1.3)
 
 
 def _wrapped(a):
@@ -150,8 +153,8 @@ def test_files_keep_the_cg_coordinates_and_the_weights(aldp, aldp_flow, aldp_bri
     # a reporter-style array: s [frames, walkers, d] float32 with times
     s_walkers = aldp.cg_of(md_frames[:20:2]).reshape(5, 2, 2).astype(np.float32)
     path = tmp_path / f"bm{ext}"
-    summary = B.backmap_file((aldp_flow, aldp), s_walkers, path, n_per_frame=3, progress=False, bridge=aldp_bridge)
-    back = md.load(str(path), top=B.md_topology(aldp)) if ext in (".dcd", ".xtc") else md.load(str(path))
+    summary = backmap_file((aldp_flow, aldp), s_walkers, path, n_per_frame=3, progress=False, bridge=aldp_bridge)
+    back = md.load(str(path), top=md_topology(aldp)) if ext in (".dcd", ".xtc") else md.load(str(path))
     w = np.load(str(path) + ".weights.npz")
     assert back.n_frames == summary.n_written == len(w["log_weights"]) == 30 - summary.n_wrong_chirality
     assert back.n_atoms == 22
@@ -163,7 +166,7 @@ def test_files_keep_the_cg_coordinates_and_the_weights(aldp, aldp_flow, aldp_bri
         assert np.allclose(back.time, w["index"] // 2)
     assert np.array_equal(w["frame"], w["index"] // 2) and np.array_equal(w["walker"], w["index"] % 2)
     assert w["frame_ess"].shape == (10,) and int(w["n_drawn"]) == 30
-    assert not os.path.exists(str(tmp_path / f"bm.partial{ext}"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
     if ext in (".dcd", ".xtc"):
         assert md.load(str(tmp_path / "bm.top.pdb")).n_atoms == 22
 
@@ -180,7 +183,7 @@ def test_weighted_bond_and_angle_statistics_match_md(aldp, md_frames, md_backmap
         ref = compute(ref_traj, idx).astype(np.float64)
         got = compute(res.trajectory, idx).astype(np.float64)
         est = res.estimate(got)
-        alone = B.weighted_estimate(got, np.zeros(len(got)), frame=res.index)
+        alone = weighted_estimate(got, np.zeros(len(got)), frame=res.index)
         assert est.ess > 800, est.ess
         rel_mean = np.abs(est.mean / ref.mean(0) - 1)
         rel_std = est.std / ref.std(0) - 1
@@ -192,8 +195,8 @@ def test_weighted_bond_and_angle_statistics_match_md(aldp, md_frames, md_backmap
 
 def test_trained_flow_gives_l_alanine_and_wrong_chirality_is_flagged(aldp, aldp_flow, aldp_bridge, md_frames):
     # >= 99 % of the raw samples of the trained flow are L (before any flag); the kept ones all are
-    traj = md.Trajectory(md_frames[::87], B.md_topology(aldp))
-    res = B.backmap(traj, aldp_flow, aldp, n_per_frame=40, bridge=aldp_bridge, seed=4, keep_wrong_chirality=True)
+    traj = md.Trajectory(md_frames[::87], md_topology(aldp))
+    res = backmap(traj, aldp_flow, aldp, n_per_frame=40, bridge=aldp_bridge, seed=4, keep_wrong_chirality=True)
     assert res.n_drawn == 100 * 40 == res.trajectory.n_frames + res.n_nonfinite
     assert res.fraction_wrong_chirality <= 0.01
     ref_sign = np.sign(_signed_volume(aldp.positions[None]))[0]
@@ -201,8 +204,8 @@ def test_trained_flow_gives_l_alanine_and_wrong_chirality_is_flagged(aldp, aldp_
     assert np.array_equal(signs != ref_sign, res.wrong_chirality)
     # a much wider proposal makes D samples: dropped by default, kept with weight zero when asked
     s = np.array([[-1.4, 1.3]] * 50)
-    wide = B.backmap(s, aldp_flow, aldp, n_per_frame=8, bridge=aldp_bridge, proposal_scale=8.0, seed=2)
-    kept = B.backmap(s, aldp_flow, aldp, n_per_frame=8, bridge=aldp_bridge, proposal_scale=8.0, seed=2,
+    wide = backmap(s, aldp_flow, aldp, n_per_frame=8, bridge=aldp_bridge, proposal_scale=8.0, seed=2)
+    kept = backmap(s, aldp_flow, aldp, n_per_frame=8, bridge=aldp_bridge, proposal_scale=8.0, seed=2,
                      keep_wrong_chirality=True)
     assert wide.n_wrong_chirality == kept.n_wrong_chirality > 0
     assert not wide.wrong_chirality.any()
@@ -223,8 +226,8 @@ def test_weighted_statistics_match_md_closely_with_a_longer_trained_flow(aldp, a
     trainer = Trainer(flow, aldp, aldp_bridge, lr=2e-3, warmup_steps=20, samples_per_point=16, points_per_batch=8,
                       forward_weight=0.5, drop_worst=2, seed=0, progress=False)
     trainer.train_by_energy(ALDP_POINTS, 1000)
-    top = B.md_topology(aldp)
-    res = B.backmap(md.Trajectory(md_frames[::21][:400], top), flow, aldp, n_per_frame=128, bridge=aldp_bridge,
+    top = md_topology(aldp)
+    res = backmap(md.Trajectory(md_frames[::21][:400], top), flow, aldp, n_per_frame=128, bridge=aldp_bridge,
                     seed=1, proposal_scale=1.3)
     bonds, angles = _bonds_and_angles(top)
     ref_traj = md.Trajectory(md_frames, top)
@@ -242,7 +245,7 @@ def test_defensive_proposal_density_is_the_mixture(aldp, aldp_flow, mb, mb_flow)
                          (aldp_flow, torch.tensor(ALDP_POINTS * 8, dtype=torch.float32), 2e-2)):
         tau, a = 1.5, 0.3
         with torch.no_grad():
-            fine, log_q = B._sample_proposal(flow, s, gen, tau, a)
+            fine, log_q = sample_proposal(flow, s, gen, tau, a)
             z, log_det_inv = flow.inverse_transform(fine, s)
         nc = ~flow.circular
         n_nc, n_c = int(nc.sum()), int(flow.circular.sum())
@@ -256,7 +259,7 @@ def test_defensive_proposal_density_is_the_mixture(aldp, aldp_flow, mb, mb_flow)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     s = torch.zeros(16, 1, dtype=torch.float64)
     with torch.no_grad():
-        a1, b1 = B._sample_proposal(mb_flow, s, g1, 1.0)
+        a1, b1 = sample_proposal(mb_flow, s, g1, 1.0)
         a2, b2 = mb_flow.sample(s, generator=g2)
     assert torch.equal(a1, a2) and torch.equal(b1, b2)
 
@@ -308,7 +311,7 @@ def test_mueller_brown_backmapping_reproduces_the_exact_2d_density(mb, mb_flow):
     rng = np.random.default_rng(0)
     s = np.interp(rng.uniform(size=12000), cdf, s_grid)  # exact marginal p(s) by inverse CDF
     with EnergyBridge(mb.system, mb.temperature, n_workers=0) as bridge:
-        res = B.backmap(s, mb_flow, mb, n_per_frame=16, bridge=bridge, seed=3, batch_size=16384)
+        res = backmap(s, mb_flow, mb, n_per_frame=16, bridge=bridge, seed=3, batch_size=16384)
     xy = res.trajectory.xyz[:, 0, :2].astype(np.float64)
     # every sample has its s
     assert np.abs((xy[:, 0] - xy[:, 1]) - res.s[:, 0]).max() < 1e-6
@@ -343,26 +346,26 @@ def test_streaming_bounds_memory_for_100k_frames(mb, mb_flow, tmp_path, monkeypa
             return next(int(line.split()[1]) for line in fh if line.startswith(key))
 
     sizes = []
-    write = B.TrajectoryWriter.write
+    write = TrajectoryWriter.write
 
     def spy(self, xyz, time_ps=None):
         sizes.append(len(xyz))
         return write(self, xyz, time_ps)
 
-    monkeypatch.setattr(B.TrajectoryWriter, "write", spy)
+    monkeypatch.setattr(TrajectoryWriter, "write", spy)
     s = np.random.default_rng(1).uniform(-2.5, 1.1, size=(100_000, 1))
     with EnergyBridge(mb.system, mb.temperature, n_workers=0) as bridge:
-        B.backmap_file((mb_flow, mb), s[:2000], tmp_path / "warm.dcd", progress=False, bridge=bridge, batch_size=4096)
+        backmap_file((mb_flow, mb), s[:2000], tmp_path / "warm.dcd", progress=False, bridge=bridge, batch_size=4096)
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
         base = rss_kb("VmRSS:")
         sizes.clear()
-        summary = B.backmap_file((mb_flow, mb), s, tmp_path / "mb.dcd", progress=False, bridge=bridge,
+        summary = backmap_file((mb_flow, mb), s, tmp_path / "mb.dcd", progress=False, bridge=bridge,
                                  batch_size=4096)
         peak = rss_kb("VmHWM:")
     assert summary.n_written == 100_000 and sum(sizes) == 100_000
     assert max(sizes) <= 4096 and len(sizes) >= 100_000 // 4096
-    assert md.load(str(tmp_path / "mb.dcd"), top=B.md_topology(mb)).n_frames == 100_000
+    assert md.load(str(tmp_path / "mb.dcd"), top=md_topology(mb)).n_frames == 100_000
     # measured: ~20 MB with batch_size 4096; ~150 MB when the 100,000 frames go through in one chunk
     assert (peak - base) / 1024 < 60, (peak - base) / 1024
 
@@ -376,7 +379,7 @@ def test_weighted_estimate_standard_error_and_ess_are_calibrated():
     for _ in range(300):
         x = rng.normal(0.3, 1.5, size=400)
         lw = -0.5 * x**2 + 0.5 * ((x - 0.3) / 1.5) ** 2
-        e = B.weighted_estimate(x, lw)
+        e = weighted_estimate(x, lw)
         means.append(e.mean), ses.append(e.stderr), stds.append(e.std), std_ses.append(e.std_stderr)
         w = np.exp(lw - lw.max())
         assert math.isclose(e.ess, w.sum() ** 2 / (w**2).sum(), rel_tol=1e-9)
@@ -385,23 +388,23 @@ def test_weighted_estimate_standard_error_and_ess_are_calibrated():
     assert 0.8 < np.std(stds) / np.mean(std_ses) < 1.25
     # per-frame weights: equal weights, one sample per frame -> mean and s / sqrt(N)
     g = rng.normal(size=(1000, 2))
-    e = B.weighted_estimate(g, np.zeros(1000), frame=np.arange(1000))
+    e = weighted_estimate(g, np.zeros(1000), frame=np.arange(1000))
     assert np.allclose(e.mean, g.mean(0)) and np.allclose(e.stderr, g.std(0, ddof=1) / math.sqrt(1000))
     assert e.ess == pytest.approx(1000) and e.n_frames == 1000
     # frames of several samples count once each, whatever their number of samples
     frame = np.repeat([0, 1], [1, 9])
-    e = B.weighted_estimate(np.r_[1.0, np.zeros(9)], np.zeros(10), frame=frame)
+    e = weighted_estimate(np.r_[1.0, np.zeros(9)], np.zeros(10), frame=frame)
     assert e.mean == pytest.approx(0.5)
     # log frame weights reweight frames (e.g. a biased CG simulation)
-    e = B.weighted_estimate(np.r_[1.0, np.zeros(9)], np.zeros(10), frame=frame, log_frame_weights=np.log([3.0, 1.0]))
+    e = weighted_estimate(np.r_[1.0, np.zeros(9)], np.zeros(10), frame=frame, log_frame_weights=np.log([3.0, 1.0]))
     assert e.mean == pytest.approx(0.75)
     # correlated frames: blocks longer than the correlation time give the right error, single frames do not
     ar = np.zeros(20000)
     noise = rng.normal(size=20000)
     for i in range(1, len(ar)):
         ar[i] = 0.9 * ar[i - 1] + noise[i]
-    naive = B.weighted_estimate(ar, np.zeros(len(ar)), frame=np.arange(len(ar)))
-    blocked = B.weighted_estimate(ar, np.zeros(len(ar)), frame=np.arange(len(ar)), block_size=200)
+    naive = weighted_estimate(ar, np.zeros(len(ar)), frame=np.arange(len(ar)))
+    blocked = weighted_estimate(ar, np.zeros(len(ar)), frame=np.arange(len(ar)), block_size=200)
     exact_se = math.sqrt(np.var(ar) * (1 + 0.9) / (1 - 0.9) / len(ar))  # AR(1): integrated autocorrelation
     assert naive.stderr < 0.4 * exact_se and 0.75 < blocked.stderr / exact_se < 1.25
 
@@ -415,7 +418,7 @@ def test_weighted_histogram_errors_are_calibrated():
     for _ in range(300):
         x = rng.normal(0.0, 1.3, size=800)
         lw = -0.5 * x**2 + 0.5 * (x / 1.3) ** 2
-        h, se, e = B.weighted_histogram(x, lw, frame=np.repeat(np.arange(200), 4), bins=edges, density=False)
+        h, se, e = weighted_histogram(x, lw, frame=np.repeat(np.arange(200), 4), bins=edges, density=False)
         hists.append(h), ses.append(se)
     hists, ses = np.array(hists), np.array(ses)
     ratio = hists.std(axis=0) / ses.mean(axis=0)
@@ -423,8 +426,8 @@ def test_weighted_histogram_errors_are_calibrated():
     exact = np.diff([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in edges])
     # 4 samples per frame, normalised per frame: a small self-normalisation bias (O(1/4) of the weight variance)
     assert np.abs(hists.mean(axis=0) - exact).max() < 0.015
-    d, dse, _ = B.weighted_histogram(x, lw, bins=edges, density=True)
-    h, hse, _ = B.weighted_histogram(x, lw, bins=edges, density=False)
+    d, dse, _ = weighted_histogram(x, lw, bins=edges, density=True)
+    h, hse, _ = weighted_histogram(x, lw, bins=edges, density=False)
     assert np.allclose(d, h / 0.5) and np.allclose(dse, hse / 0.5)
 
 
@@ -448,11 +451,11 @@ def test_cli_backmaps_a_reporter_file_from_a_run_directory(aldp, aldp_flow, md_f
     assert _wrapped(_phi_psi(traj) - w["s"]).max() < 1e-6
     assert np.array_equal(w["time_ps"], (w["index"] // 2) * 2.0)
     # an all-atom trajectory as CG input (its s is computed), and the errors the CLI reports
-    md.Trajectory(md_frames[:6], B.md_topology(aldp)).save_dcd(str(tmp_path / "aa.dcd"))
+    md.Trajectory(md_frames[:6], md_topology(aldp)).save_dcd(str(tmp_path / "aa.dcd"))
     assert cli_main(["backmap", str(run / "flow.pt"), str(tmp_path / "aa.dcd"), "-o", str(tmp_path / "aa_bm.dcd"),
                      "--workers", "0", "--quiet"]) == 0
     w = np.load(str(tmp_path / "aa_bm.dcd.weights.npz"))
-    assert np.abs(w["s"] - aldp.cg_of(md.load(str(tmp_path / "aa.dcd"), top=B.md_topology(aldp)).xyz)[w["index"]]).max() < 1e-9
+    assert np.abs(w["s"] - aldp.cg_of(md.load(str(tmp_path / "aa.dcd"), top=md_topology(aldp)).xyz)[w["index"]]).max() < 1e-9
     capsys.readouterr()
     np.save(tmp_path / "bad.npy", np.zeros((4, 3)))
     assert cli_main(["backmap", str(run), str(tmp_path / "bad.npy"), "-o", str(out), "--quiet"]) == 2
@@ -464,39 +467,39 @@ def test_cli_backmaps_a_reporter_file_from_a_run_directory(aldp, aldp_flow, md_f
 
 def test_bad_inputs_are_refused_with_clear_errors(aldp, mb, aldp_flow, mb_flow, tmp_path):
     with pytest.raises(ValueError, match="components per frame"):
-        B.cg_frames(np.zeros((3, 3)), aldp)
+        cg_frames(np.zeros((3, 3)), aldp)
     with pytest.raises(ValueError, match="NaN"):
-        B.cg_frames(np.array([[0.0, np.nan]]), aldp)
+        cg_frames(np.array([[0.0, np.nan]]), aldp)
     with pytest.raises(ValueError, match="does not belong"):
-        B.backmap(np.zeros((2, 1)), aldp_flow, mb, bridge=object())
+        backmap(np.zeros((2, 1)), aldp_flow, mb, bridge=object())
     with pytest.raises(ValueError, match="empty"):
-        B.backmap(np.zeros((0, 2)), aldp_flow, aldp, bridge=object())
+        backmap(np.zeros((0, 2)), aldp_flow, aldp, bridge=object())
     with pytest.raises(ValueError, match="n_per_frame"):
-        B.backmap(np.zeros((1, 2)), aldp_flow, aldp, n_per_frame=0, bridge=object())
+        backmap(np.zeros((1, 2)), aldp_flow, aldp, n_per_frame=0, bridge=object())
     with pytest.raises(TypeError, match="CGSystem"):
-        B.backmap(np.zeros((1, 2)), aldp_flow)
+        backmap(np.zeros((1, 2)), aldp_flow)
     np.savez(tmp_path / "no_s.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="no array 's'"):
-        B.load_cg(tmp_path / "no_s.npz", aldp)
+        load_cg(tmp_path / "no_s.npz", aldp)
     with pytest.raises(FileNotFoundError):
-        B.load_cg(tmp_path / "missing.npz", aldp)
+        load_cg(tmp_path / "missing.npz", aldp)
     # text arrays; periodic coordinates are wrapped to [-pi, pi)
     np.savetxt(tmp_path / "s.txt", [[4.0, -1.0], [0.5, 0.5]])
-    f = B.load_cg(tmp_path / "s.txt", aldp)
+    f = load_cg(tmp_path / "s.txt", aldp)
     assert np.allclose(f.s, [[4.0 - 2 * math.pi, -1.0], [0.5, 0.5]])
     # Mueller-Brown: a flat array is one frame per entry
-    assert B.cg_frames(np.array([0.1, 0.2, 0.3]), mb).s.shape == (3, 1)
+    assert cg_frames(np.array([0.1, 0.2, 0.3]), mb).s.shape == (3, 1)
 
 
 def test_more_samples_per_frame_than_batch_size_and_chunks_of_whole_frames(mb, mb_flow):
     with EnergyBridge(mb.system, mb.temperature, n_workers=0) as bridge:
-        chunks = list(B.iter_backmap(np.array([-2.0, -0.5, 0.6]), mb_flow, mb, n_per_frame=10, bridge=bridge,
-                                     batch_size=4))
+        chunks = list(iter_backmap(np.array([-2.0, -0.5, 0.6]), mb_flow, mb, n_per_frame=10, bridge=bridge,
+                                   batch_size=4))
         assert [len(c.index) for c in chunks] == [10, 10, 10] and [c.first_index for c in chunks] == [0, 1, 2]
         for c in chunks:
             assert np.logaddexp.reduce(c.log_weights) == pytest.approx(0.0, abs=1e-12)
-        chunks = list(B.iter_backmap(np.linspace(-2, 0.5, 7), mb_flow, mb, n_per_frame=3, bridge=bridge,
-                                     batch_size=7))
+        chunks = list(iter_backmap(np.linspace(-2, 0.5, 7), mb_flow, mb, n_per_frame=3, bridge=bridge,
+                                   batch_size=7))
         assert [len(c.index) for c in chunks] == [6, 6, 6, 3]  # whole frames, at most batch_size samples
 
 

@@ -1,5 +1,9 @@
 """The energy bridge against direct OpenMM Context calls and closed forms."""
 
+import os
+import signal
+import time
+
 import numpy as np
 import openmm
 import openmm.unit as unit
@@ -8,6 +12,7 @@ import torch
 
 from openmm_cgflow import mueller_brown as mb_potential
 from openmm_cgflow.bridge import EnergyBridge
+from openmm_cgflow.executors import LocalProcessExecutor, NoWorkersError
 
 
 def _direct(system, xyz):
@@ -86,3 +91,59 @@ def test_mueller_brown_energy_equals_closed_form(mb, rng):
     mb_potential.potential(xt[:, 0], xt[:, 1]).sum().backward()
     np.testing.assert_allclose(-f[:, 0, :2] * mb.kT, xt.grad.numpy(), rtol=1e-9)
     assert np.all(f[:, 0, 2] == 0)
+
+
+def _wait_dead(pid, timeout=10.0):
+    """Until the process is a zombie or gone (it is not our child: the executor reaps it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] in "ZX":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)
+
+
+def test_local_worker_killed_chunk_is_retried_and_counted_once(aldp, rng):
+    xyz = _perturbed(aldp, rng, 200)
+    with EnergyBridge(aldp.system, aldp.temperature, n_workers=0) as local:
+        reference = local.energy_and_forces(xyz)
+    with EnergyBridge(aldp.system, aldp.temperature, n_workers=2, min_parallel_batch=8) as bridge:
+        assert isinstance(bridge.executor, LocalProcessExecutor)
+        victim = bridge.executor.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        _wait_dead(victim)
+        u, f, finite = bridge.energy_and_forces(xyz)
+        assert bridge.n_evaluations == 200
+        assert bridge.executor.n_retries == 1 and bridge.n_workers == 1
+        assert victim not in bridge.executor.pids
+        np.testing.assert_array_equal(u, reference[0])
+        np.testing.assert_array_equal(f, reference[1])
+        with pytest.raises(NoWorkersError):  # the last worker gone: a clear error, nothing counted
+            os.kill(bridge.executor.pids[0], signal.SIGKILL)
+            bridge.energy_and_forces(xyz)
+        assert bridge.n_evaluations == 200
+
+
+def test_local_hung_worker_times_out_and_chunk_goes_elsewhere(aldp, rng):
+    xyz = _perturbed(aldp, rng, 200)
+    with EnergyBridge(aldp.system, aldp.temperature, n_workers=0) as local:
+        reference = local.energy_and_forces(xyz)
+    with EnergyBridge(aldp.system, aldp.temperature, n_workers=2, min_parallel_batch=8, chunk_timeout=1.0) as bridge:
+        hung = bridge.executor.pids[0]
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            u, f, _ = bridge.energy_and_forces(xyz)
+            assert time.monotonic() - t0 < 10
+        finally:
+            try:
+                os.kill(hung, signal.SIGCONT)
+            except ProcessLookupError:  # the executor killed it (the expected case)
+                pass
+        assert bridge.executor.n_retries == 1 and hung not in bridge.executor.pids
+        assert bridge.n_evaluations == 200
+        np.testing.assert_array_equal(u, reference[0])
+        np.testing.assert_array_equal(f, reference[1])

@@ -11,7 +11,8 @@ import openmm.unit as unit
 import pytest
 import torch
 
-from openmm_cgflow.coordinates import InternalCoordinates, LinearCoordinates, dihedral, wrap_angle
+from openmm_cgflow.coordinates import InternalCoordinates, LinearCoordinates, dihedral
+from openmm_cgflow_plugin.cgspace import wrap_angle
 
 
 def _data(name):

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_cgflow.ensemble import FORMAT_VERSION, PMFEnsemble, export_pmf, fit_ensemble
+from openmm_cgflow_plugin.cgspace import CGSpace
+from openmm_cgflow_plugin.pmf_file import FORMAT_VERSION
+
+from openmm_cgflow.ensemble import PMFEnsemble, default_ranges, export_pmf
+from openmm_cgflow.ensemble_fit import EnsembleFitSettings, fit_ensemble
 
 SIGMA = 0.2   # label noise, kT
 
@@ -32,8 +36,7 @@ def half_torus_fit():
     m = 300
     s = np.stack([rng.uniform(-math.pi, 0.0, m), rng.uniform(-math.pi, math.pi, m)], axis=1)
     A = f_true(s) + SIGMA * rng.standard_normal(m)
-    ens = fit_ensemble(s, A, np.full(m, SIGMA), [True, True], n_models=8, hidden=(32, 32), steps=600, seed=0,
-                       cg_names=["phi", "psi"], temperature=300.0, cg_atoms=[[4, 6, 8, 14], [6, 8, 14, 16]])
+    ens = fit_ensemble(s, A, np.full(m, SIGMA), [True, True], n_models=8, hidden=(32, 32), steps=600, seed=0)
     return ens, s, A
 
 
@@ -108,8 +111,8 @@ def test_models_differ_and_seed_reproduces():
 
 def test_export_round_trip(half_torus_fit, tmp_path):
     ens, s, _ = half_torus_fit
-    path = export_pmf(ens, tmp_path / "sub" / "pmf.pt", cg_names=["phi", "psi"], periodic=[True, True],
-                      temperature=300.0, cg_atoms=[[4, 6, 8, 14], [6, 8, 14, 16]], note="test")
+    path = export_pmf(ens, tmp_path / "sub" / "pmf.pt",
+                      CGSpace(["phi", "psi"], [True, True], 300.0, [[4, 6, 8, 14], [6, 8, 14, 16]]), note="test")
     module = torch.jit.load(path)
     assert isinstance(module, torch.jit.ScriptModule)
     assert list(module.cg_names) == ["phi", "psi"]
@@ -135,7 +138,7 @@ def test_export_round_trip(half_torus_fit, tmp_path):
     torch.testing.assert_close(out32.double(), fwd, rtol=0, atol=1e-4)
     # per-model predictions are exported too, consistent with the spread (population std)
     with torch.no_grad():
-        allm = module.predict_all(x)
+        allm = module.model.predict_all(x)
     torch.testing.assert_close(allm.std(dim=0, unbiased=False), spread)
     # the plugin reads the same file
     from openmm_cgflow_plugin import load_pmf
@@ -150,13 +153,13 @@ def test_export_round_trip(half_torus_fit, tmp_path):
 def test_export_checks_metadata(half_torus_fit, tmp_path):
     ens, _, _ = half_torus_fit
     with pytest.raises(ValueError, match="periodic"):
-        export_pmf(ens, tmp_path / "a.pt", ["phi", "psi"], [True, False], 300.0)
+        export_pmf(ens, tmp_path / "a.pt", CGSpace(["phi", "psi"], [True, False], 300.0))
     with pytest.raises(ValueError, match="cg_names"):
-        export_pmf(ens, tmp_path / "a.pt", ["phi"], [True, True], 300.0)
+        export_pmf(ens, tmp_path / "a.pt", CGSpace(["phi"], [True], 300.0))
     with pytest.raises(ValueError, match="temperature"):
-        export_pmf(ens, tmp_path / "a.pt", ["phi", "psi"], [True, True], 0.0)
+        export_pmf(ens, tmp_path / "a.pt", CGSpace(["phi", "psi"], [True, True], 0.0))
     with pytest.raises(ValueError, match="quadruple"):
-        export_pmf(ens, tmp_path / "a.pt", ["phi", "psi"], [True, True], 300.0, cg_atoms=[[1, 2, 3]])
+        export_pmf(ens, tmp_path / "a.pt", CGSpace(["phi", "psi"], [True, True], 300.0, [[1, 2, 3]]))
     assert not list(tmp_path.iterdir())
 
 
@@ -174,7 +177,7 @@ def test_non_finite_labels_are_dropped_and_never_reach_the_file(tmp_path):
     # identical to the fit that never saw them
     for (k, v1), (_, v2) in zip(clean.state_dict().items(), dirty.state_dict().items()):
         assert torch.equal(v1, v2), k
-    path = export_pmf(dirty, tmp_path / "pmf.pt", ["phi", "psi"], [True, True], 300.0)
+    path = export_pmf(dirty, tmp_path / "pmf.pt", CGSpace(["phi", "psi"], [True, True], 300.0))
     module = torch.jit.load(path)
     assert json.loads(module.metadata)["n_labels"] == 120
     grid = torch.as_tensor(np.stack(np.meshgrid(*[np.linspace(-math.pi, math.pi, 30)] * 2), -1).reshape(-1, 2))
@@ -196,3 +199,24 @@ def test_non_periodic_inputs_are_standardised():
     mean, _ = _mean_spread(ens, s)
     err = mean - A
     assert float(np.sqrt(np.mean((err - err.mean()) ** 2))) < 0.1 * float(A.std())
+
+
+def test_fit_settings_object_equals_keyword_overrides():
+    """The hyperparameters can be given as an EnsembleFitSettings or as keyword overrides: same ensemble."""
+    rng = np.random.default_rng(8)
+    s = rng.uniform(-math.pi, math.pi, size=(60, 2))
+    a = fit_ensemble(s, f_true(s), None, [True, True], EnsembleFitSettings(n_models=3, hidden=(8,), steps=30), seed=1)
+    b = fit_ensemble(s, f_true(s), None, [True, True], n_models=3, hidden=(8,), steps=30, seed=1)
+    for (k, v1), (_, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(v1, v2), k
+
+
+def test_export_ranges_of_non_periodic_coordinates(tmp_path):
+    """pmf.pt carries (lo, hi) per coordinate: [-pi, pi] for dihedrals, the labels' mean +- 3 std otherwise."""
+    rng = np.random.default_rng(9)
+    s = np.stack([rng.uniform(-math.pi, math.pi, 80), rng.uniform(-2.5, 1.1, 80)], axis=1)
+    ens = fit_ensemble(s, np.cos(s[:, 0]) + s[:, 1] ** 2, None, [True, False], n_models=2, hidden=(8,), steps=20)
+    lo, hi = default_ranges(ens)[1]
+    assert lo == pytest.approx(s[:, 1].mean() - 3 * s[:, 1].std()) and hi == pytest.approx(s[:, 1].mean() + 3 * s[:, 1].std())
+    module = torch.jit.load(export_pmf(ens, tmp_path / "pmf.pt", CGSpace(["phi", "x"], [True, False], 300.0)))
+    assert [list(r) for r in module.cg_ranges] == [[-math.pi, math.pi], [lo, hi]]

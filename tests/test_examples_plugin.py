@@ -1,10 +1,12 @@
-"""The plugin examples (CG dynamics with a reporter; biased all-atom MD with reweighting) run in their quick modes."""
+"""The plugin examples (CG dynamics with a reporter; biased all-atom MD with reweighting, both force backends) run in
+their quick modes."""
 
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -27,8 +29,9 @@ def test_cg_dynamics_example_quick(tmp_path):
     assert beta[0] > 0.6 and beta[1] > 0.6
 
 
-def test_biased_md_example_quick(tmp_path):
-    out = _run("biased_md.py", "--quick", "--out", str(tmp_path))
+@pytest.mark.parametrize("backend", ["torch", "python"])
+def test_biased_md_example_quick(tmp_path, backend):
+    out = _run("biased_md.py", "--quick", "--out", str(tmp_path), "--backend", backend)
     assert "reweighted population of phi > 0" in out and "ESS" in out
     assert (tmp_path / "biased.dcd").exists() and (tmp_path / "pmf.pt").exists()
     frac = float(out.split("biased fraction with phi > 0: ")[1].split()[0])

@@ -172,3 +172,21 @@ def test_float32_option():
     fine, log_q = flow.sample(s)
     assert fine.dtype == torch.float32 and log_q.dtype == torch.float32
     assert torch.allclose(flow.log_prob(fine, s), log_q, atol=1e-4)
+
+
+def test_construction_leaves_the_global_rng_alone_and_is_determined_by_the_seed():
+    """Building a flow never changes torch's global RNG state; the same seeds give the same flow."""
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    a = ConditionalFlow(N_FINE, _circular(), 2, [True, True], n_layers=2, hidden=(16,), seed=5, init_seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(3)  # a different global state must not matter
+    b = ConditionalFlow(N_FINE, _circular(), 2, [True, True], n_layers=2, hidden=(16,), seed=5, init_seed=7)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # init_seed defaults to seed
+    c = ConditionalFlow(N_FINE, _circular(), 2, [True, True], n_layers=2, hidden=(16,), seed=5)
+    d = ConditionalFlow(N_FINE, _circular(), 2, [True, True], n_layers=2, hidden=(16,), seed=5, init_seed=5)
+    assert all(torch.equal(c.state_dict()[k], d.state_dict()[k]) for k in sa)
+    e = ConditionalFlow(N_FINE, _circular(), 2, [True, True], n_layers=2, hidden=(16,), seed=5, init_seed=8)
+    assert not torch.equal(a.layers[0].conditioner.net[0].weight, e.layers[0].conditioner.net[0].weight)

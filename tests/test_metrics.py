@@ -1,17 +1,19 @@
-"""Tests of the forward-KLD metric (openmm_cgflow.metrics) and the Mueller-Brown exact reference."""
+"""Tests of the forward-KLD metric (openmm_cgflow.metrics) and the Mueller-Brown exact reference
+(openmm_cgflow.mueller_brown)."""
 
 import os
 
 import numpy as np
 import pytest
 
+from openmm_cgflow import alanine_dipeptide as aldp
 from openmm_cgflow import metrics as M
 from openmm_cgflow import mueller_brown as mb
 
 
 @pytest.fixture(scope="module")
 def mb_ref():
-    return M.mueller_brown_reference()
+    return mb.reference_probabilities()
 
 
 def test_kld_of_distribution_with_itself_is_zero():
@@ -99,7 +101,7 @@ def test_periodic_smoothing_wraps_around():
     h2 = M.torus_histogram(samples + np.array([2 * np.pi, -4 * np.pi]))
     assert np.allclose(h, h2)
     # non-periodic (Mueller-Brown) smoothing does not wrap: the last bin only gets the floor
-    hs = M.mb_histogram(np.full(1000, M.MB_RANGE[0] + 0.001))
+    hs = mb.histogram(np.full(1000, mb.RANGE[0] + 0.001))
     assert hs.sum() == pytest.approx(1.0)
     assert hs[-1] < 1e-10 and hs[1] > 1e-3
     # floor: no bin is zero, so an unvisited bin gives a finite divergence
@@ -127,7 +129,7 @@ def test_mueller_brown_reference_normalised_and_minima(mb_ref):
     assert p.sum() == pytest.approx(1.0, abs=1e-12)
     assert np.all(p > 0)
     A = M.probabilities_to_pmf(p)
-    c = M.mb_bin_centres()
+    c = mb.bin_centres()
     # global minimum: the upper-left basin, s = x - y = -0.558 - 1.442 = -2.0
     assert c[np.argmin(A)] == pytest.approx(UPPER_LEFT_S, abs=0.04)
     # two further local minima near the other two Mueller-Brown minima (s ~ -0.52 and s ~ 0.60)
@@ -136,7 +138,7 @@ def test_mueller_brown_reference_normalised_and_minima(mb_ref):
     assert loc[1] == pytest.approx(-0.517, abs=0.06)
     assert loc[2] == pytest.approx(0.595, abs=0.06)
     # quadrature converged: a coarser rule gives the same bins
-    coarse = M.mueller_brown_reference(sub=10, df=0.004)
+    coarse = mb.reference_probabilities(sub=10, df=0.004)
     assert M.forward_kld(p, coarse) < 1e-8
     assert np.max(np.abs(coarse / p - 1)) < 1e-3
 
@@ -150,10 +152,10 @@ def test_mueller_brown_reference_matches_direct_2d_integral(mb_ref):
     x = np.arange(-3.0, 2.5, h) + h / 2
     y = np.arange(-1.5, 3.5, h)  # offset by h/2 against x: no s = x - y value lies on a bin edge
     X, Y = np.meshgrid(x, y, indexing="ij")
-    w = np.exp(-M.MB_BETA * mb.potential(X, Y))
-    hist, _ = np.histogram((X - Y).ravel(), bins=M.mb_bin_edges(), weights=w.ravel())
+    w = np.exp(-mb.BETA * mb.potential(X, Y))
+    hist, _ = np.histogram((X - Y).ravel(), bins=mb.bin_edges(), weights=w.ravel())
     assert M.forward_kld(mb_ref, hist) < 2e-4
-    assert M.kld_from_pmf(M.mueller_brown_reference_pmf(), "mueller-brown") == pytest.approx(0.0, abs=1e-12)
+    assert M.kld_from_pmf(mb.reference_pmf(), "mueller-brown") == pytest.approx(0.0, abs=1e-12)
 
 
 def test_basin_populations_sum_to_one():
@@ -164,7 +166,7 @@ def test_basin_populations_sum_to_one():
 
 
 def test_packaged_alanine_reference_if_present():
-    path = os.path.join(os.path.dirname(M.__file__), "data", M.ALDP_REFERENCE_FILE)
+    path = os.path.join(os.path.dirname(M.__file__), "data", aldp.REFERENCE_FILE)
     if not os.path.exists(path):
         pytest.skip("alanine-dipeptide reference not generated yet (benchmarks/reference_metad.py)")
     ref = M.load_reference("alanine-dipeptide")
@@ -175,3 +177,17 @@ def test_packaged_alanine_reference_if_present():
     assert M.kld_from_pmf(ref["free_energy_kT"], "alanine-dipeptide") == pytest.approx(0.0, abs=1e-10)
     pops = M.basin_populations(p)
     assert pops["beta_C7eq"] > pops["alpha_R"] > pops["phi_pos"] > 0
+
+
+def test_reference_of_a_registered_system_and_of_an_npz(tmp_path):
+    """A reference is data given by its system: a name resolves through the registry, an npz is read as is."""
+    ref = M.as_reference("mueller-brown")
+    assert ref["periodic"] == [False] and ref["probabilities"].shape == (100,)
+    np.testing.assert_allclose(ref["edges"][0], mb.bin_edges())
+    path = tmp_path / "ref.npz"
+    np.savez(path, probabilities=ref["probabilities"], edges_0=ref["edges"][0], periodic=np.array([False]))
+    again = M.load_reference("ignored", path=path)
+    np.testing.assert_allclose(again["probabilities"], ref["probabilities"])
+    assert M.kld_from_pmf(mb.reference_pmf(), str(path)) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="unknown system"):
+        M.as_reference("no-such-system")

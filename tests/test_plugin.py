@@ -4,7 +4,7 @@ PMFs used here:
 
 * ``analytic``: A(phi, psi) = 2 cos(phi - 1) + sin(psi) + 0.5 cos(phi + psi) kT, a pmf.pt written from a
   tiny scripted module (asymmetric, so sign and axis-order mistakes show);
-* ``ensemble``: a real PMFEnsemble fitted to that function and exported with ``export_pmf``;
+* ``ensemble``: a small ensemble of MLPs fitted to that function here and written with ``save_pmf``;
 * ``double_well``: a 1-D non-periodic A(s) = (s^2 - 1)^2 kT (Mueller-Brown-like CG walkers, no box).
 """
 
@@ -22,12 +22,16 @@ import pytest
 import torch
 from torch import nn
 
-from openmm_cgflow_plugin import (BIAS_PARAMETER, CGDynamics, CGReporter, add_pmf_bias, effective_sample_size,
-                                  kT_kJmol, load_pmf, plot_pmf, pmf_cmap_force, reweight, reweighted_histogram)
+from openmm_cgflow_plugin import (BIAS_PARAMETER, CGDynamics, CGReporter, CGSpace, add_pmf_bias,
+                                  effective_sample_size, kT_kJmol, load_pmf, plot_pmf, pmf_cmap_force, read_cg_npz,
+                                  reweight, reweighted_histogram, save_pmf, swap_pmf)
+from openmm_cgflow_plugin.backends import force_backend, force_parameters, plugin_forces
 from openmm_cgflow_plugin.modules import CGWalkerEnergy, CGWalkerEnergyPBC, DihedralBias
 from openmm_cgflow.metrics import forward_kld
 
 ALDP_QUADS = [[4, 6, 8, 14], [6, 8, 14, 16]]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALDP_PDB = os.path.join(ROOT, "openmm_cgflow", "data", "alanine-dipeptide.pdb")
 REFERENCE = openmm.Platform.getPlatformByName("Reference")
 
 
@@ -100,25 +104,55 @@ def double_well(tmp_path_factory):
     return save_module(DoubleWellPMF(), tmp_path_factory.mktemp("pmf") / "double_well.pt")
 
 
+class SmallEnsemble(nn.Module):
+    """K MLPs on (cos, sin) features of periodic s: mean and standard deviation over the members, kT."""
+
+    def __init__(self, n_models: int = 4, hidden: int = 16, d: int = 2):
+        super().__init__()
+        self.nets = nn.ModuleList([nn.Sequential(nn.Linear(2 * d, hidden), nn.Tanh(), nn.Linear(hidden, hidden),
+                                                 nn.Tanh(), nn.Linear(hidden, 1)) for _ in range(n_models)])
+
+    def members(self, s: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([torch.cos(s), torch.sin(s)], dim=1)
+        return torch.stack([net(x)[:, 0] for net in self.nets], dim=0)
+
+    def mean_and_spread(self, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        a = self.members(s)
+        return a.mean(dim=0), a.std(dim=0)
+
+
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory):
-    """A real exported PMFEnsemble (4 models) fitted to the analytic function."""
-    from openmm_cgflow.ensemble import export_pmf, fit_ensemble
-
-    rng = np.random.default_rng(5)
-    s = rng.uniform(-math.pi, math.pi, size=(300, 2))
-    ens = fit_ensemble(s, analytic_A(s[:, 0], s[:, 1]), None, [True, True], n_models=4, hidden=(16, 16),
-                       steps=200, seed=0)
+    """A small ensemble (4 MLPs [16, 16]) fitted to the analytic function, written with save_pmf."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    s = (torch.rand(300, 2, generator=gen, dtype=torch.float64) * 2 - 1) * math.pi
+    target = torch.as_tensor(analytic_A(s[:, 0].numpy(), s[:, 1].numpy()))
+    ens = SmallEnsemble().double()
+    opt = torch.optim.Adam(ens.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = ((ens.members(s) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
     path = tmp_path_factory.mktemp("pmf") / "ensemble.pt"
-    return export_pmf(ens, path, cg_names=["phi", "psi"], periodic=[True, True], temperature=300.0,
-                      cg_atoms=ALDP_QUADS)
+    return save_pmf(ens, path, CGSpace(["phi", "psi"], [True, True], 300.0, ALDP_QUADS))
 
 
 @pytest.fixture(scope="module")
 def aldp_system():
-    from openmm_cgflow import builtin
+    """Alanine dipeptide, amber96 + OBC, NoCutoff, no constraints (system, topology, positions nm, cg_atoms)."""
+    import types
 
-    return builtin("alanine-dipeptide")
+    import openmm.app as app
+
+    pdb = app.PDBFile(ALDP_PDB)
+    ff = app.ForceField("amber96.xml", "amber96_obc.xml")
+    system = ff.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False)
+    positions = np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64)
+    traj = md.Trajectory(positions[None].astype(np.float32), md.Topology.from_openmm(pdb.topology))
+    cg_atoms = [[int(i) for i in md.compute_phi(traj)[0][0]], [int(i) for i in md.compute_psi(traj)[0][0]]]
+    return types.SimpleNamespace(system=system, topology=pdb.topology, positions=positions, cg_atoms=cg_atoms)
 
 
 def _context(system, integrator=None):
@@ -151,11 +185,27 @@ def _angle_diff(a, b):
 
 
 # ------------------------------------------------------------------------------------------ imports
-def test_plugin_imports_only_torch_openmm_numpy():
+def test_plugin_imports_only_torch_openmm_numpy(analytic):
     code = ("import sys, openmm_cgflow_plugin; "
             "bad = [m for m in ('openmm_cgflow', 'matplotlib', 'mdtraj') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout + res.stderr[-2000:]
+    # the user jobs (load a pmf.pt, CG walkers, all-atom bias with both backends) pull in no sampler code
+    code = "\n".join([
+        "import sys, numpy as np, openmm",
+        "from openmm_cgflow_plugin import CGDynamics, add_pmf_bias, load_pmf",
+        "pmf = load_pmf(sys.argv[1])",
+        "dyn = CGDynamics(pmf, np.zeros((3, 2)), backend='python')",
+        "dyn.simulation.step(2)",
+        "system = openmm.System()",
+        "[system.addParticle(12.0) for _ in range(5)]",
+        "add_pmf_bias(system, pmf, cg_atoms=[[0, 1, 2, 3], [1, 2, 3, 4]], backend='python')",
+        "add_pmf_bias(system, pmf, cg_atoms=[[0, 1, 2, 3], [1, 2, 3, 4]], backend='torch')",
+        "bad = [m for m in sys.modules if m == 'openmm_cgflow' or m.startswith('openmm_cgflow.')]",
+        "print(bad); sys.exit(1 if bad else 0)"])
+    res = subprocess.run([sys.executable, "-c", code, analytic], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]
 
@@ -593,3 +643,212 @@ def test_plot_pmf_writes_png_1d_and_2d(ensemble, double_well, tmp_path):
         with open(p, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
         assert os.path.getsize(p) > 5000
+
+
+# ------------------------------------------------------------------ i) force backends: TorchForce and PythonForce
+def _aldp_copy(aldp_system):
+    return openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(aldp_system.system))
+
+
+def _periodic_aldp(aldp_system):
+    """The alanine-dipeptide particles in a triclinic periodic box with one periodic force (no interactions)."""
+    system = openmm.System()
+    for i in range(aldp_system.system.getNumParticles()):
+        system.addParticle(aldp_system.system.getParticleMass(i))
+    system.setDefaultPeriodicBoxVectors(openmm.Vec3(2.0, 0, 0), openmm.Vec3(0.3, 2.2, 0), openmm.Vec3(-0.4, 0.5, 2.5))
+    periodic_force = openmm.CustomBondForce("0")
+    periodic_force.setUsesPeriodicBoundaryConditions(True)
+    system.addForce(periodic_force)
+    return system
+
+
+@pytest.mark.parametrize("which", ["analytic", "ensemble"])
+@pytest.mark.parametrize("periodic", [False, True])
+def test_python_backend_allatom_bias_matches_torchforce(which, periodic, request, aldp_system):
+    """The all-atom bias through openmm.PythonForce gives the TorchForce's energies and forces (1e-6 relative),
+    without and with a periodic box (minimum image), and follows the global parameter."""
+    path = request.getfixturevalue(which)
+    system = _periodic_aldp(aldp_system) if periodic else _aldp_copy(aldp_system)
+    f_torch = add_pmf_bias(system, path, factor=-1, force_group=7, backend="torch")
+    f_python = add_pmf_bias(system, path, factor=-1, force_group=8, backend="python")
+    assert isinstance(f_python, openmm.PythonForce)
+    assert f_torch.usesPeriodicBoundaryConditions() == f_python.usesPeriodicBoundaryConditions() == periodic
+    assert [force_backend(system.getForce(i)).name for i in plugin_forces(system)] == ["torch", "python"]
+    ctx = _context(system)
+    rng = np.random.default_rng(12)
+    for k in range(4):
+        x = aldp_system.positions + rng.normal(scale=0.05, size=aldp_system.positions.shape)
+        if periodic and k % 2:
+            x[8] += np.array([0.3, 2.2, 0.0]) - np.array([-0.4, 0.5, 2.5])   # an atom moved by b - c
+        e_t, f_t = _energy_forces(ctx, x, groups={7})
+        e_p, f_p = _energy_forces(ctx, x, groups={8})
+        assert abs(e_t) > 1e-3
+        _assert_close(e_p, e_t)
+        _assert_close(f_p, f_t)
+    ctx.setParameter(BIAS_PARAMETER, 0.5)          # both forces share the parameter
+    e_t, _ = _energy_forces(ctx, aldp_system.positions, groups={7})
+    e_p, _ = _energy_forces(ctx, aldp_system.positions, groups={8})
+    _assert_close(e_p, e_t)
+    s = DihedralBias(load_pmf(path).module, ALDP_QUADS, 1.0).cg(torch.as_tensor(aldp_system.positions)).numpy()
+    _assert_close(e_p, 0.5 * load_pmf(path).kT * load_pmf(path).mean(s)[0])
+
+
+@pytest.mark.parametrize("which", ["analytic", "ensemble", "double_well"])
+def test_python_backend_walkers_match_torchforce(which, request, tmp_path):
+    """CG walkers through openmm.PythonForce (periodic box for dihedrals; none for the 1-D double well) give the
+    TorchForce's energies and forces (1e-6 relative), also for positions outside the box."""
+    path = request.getfixturevalue(which)
+    rng = np.random.default_rng(13)
+    d = load_pmf(path).n_cg
+    s0 = rng.uniform(-math.pi, math.pi, size=(6, d))
+    dyn_t = CGDynamics(path, s0, seed=1, backend="torch")
+    dyn_p = CGDynamics(path, s0, seed=1, backend="python")
+    sys_p = dyn_p.simulation.system
+    assert [force_backend(sys_p.getForce(i)).name for i in plugin_forces(sys_p)] == ["python"]
+    assert sys_p.usesPeriodicBoundaryConditions() == (which != "double_well")
+    for _ in range(3):
+        pos = np.zeros((6, 3))
+        pos[:, :d] = rng.uniform(-3 * math.pi, 3 * math.pi, size=(6, d)) if d == 2 else rng.uniform(-1.6, 1.6, (6, 1))
+        pos[:, d:] = rng.normal(size=(6, 3 - d))
+        e_t, f_t = _energy_forces(dyn_t.context, pos)
+        e_p, f_p = _energy_forces(dyn_p.context, pos)
+        _assert_close(e_p, e_t)
+        _assert_close(f_p, f_t)
+    # the python backend steps, and its reporter finds the PMF inside the PythonForce
+    reporter = CGReporter(tmp_path / "walkers.npz", 10)
+    dyn_p.simulation.reporters.append(reporter)
+    s, spread = dyn_p.run(20, 10)
+    assert s.shape == (2, 6, d) and np.all(np.isfinite(s)) and np.all(np.isfinite(spread))
+    reporter.close()
+    with np.load(tmp_path / "walkers.npz") as z:
+        np.testing.assert_allclose(z["spread"], spread, rtol=1e-5, atol=1e-6)
+
+
+def test_default_backend_falls_back_to_python_with_a_warning(analytic, monkeypatch):
+    from openmm_cgflow_plugin import backends
+
+    assert backends.default_backend_name() == "torch"          # openmm-torch is installed here
+    monkeypatch.setattr(backends.get_backend("torch"), "available", lambda: False)
+    with pytest.warns(RuntimeWarning, match="openmm-torch is not installed.*PythonForce"):
+        dyn = CGDynamics(analytic, np.zeros((2, 2)))
+    assert isinstance(dyn.simulation.system.getForce(0), openmm.PythonForce)
+    with pytest.raises(ImportError, match="openmm-torch is required"):
+        backends.get_backend("torch")
+    with pytest.raises(ValueError, match="unknown force backend 'jax'"):
+        backends.get_backend("jax")
+
+
+@pytest.mark.parametrize("backend", ["torch", "python"])
+def test_swap_pmf_keeps_custom_parameter_name_and_value(backend, analytic, ensemble, aldp_system):
+    """swap_pmf re-adds the all-atom bias under the user's global-parameter name with its current value (it used
+    to fall back to the default name), with the same backend and force group; CG walkers swap too."""
+    import openmm.app as app
+
+    system = _aldp_copy(aldp_system)
+    add_pmf_bias(system, analytic, factor=-0.3, parameter="lambda_bias", force_group=5, backend=backend)
+    sim = app.Simulation(aldp_system.topology, system, openmm.VerletIntegrator(0.001), REFERENCE)
+    sim.context.setPositions(aldp_system.positions)
+    sim.context.setParameter("lambda_bias", 0.7)
+    assert swap_pmf(sim, ensemble) == 1
+    (i,) = plugin_forces(sim.system)
+    force = sim.system.getForce(i)
+    assert force_backend(force).name == backend and force.getForceGroup() == 5
+    assert [name for name, _ in force_parameters(force)] == ["lambda_bias"]
+    assert BIAS_PARAMETER not in sim.context.getParameters()
+    assert sim.context.getParameter("lambda_bias") == pytest.approx(0.7)
+    new = load_pmf(ensemble)
+    s = DihedralBias(new.module, ALDP_QUADS, 1.0).cg(torch.as_tensor(aldp_system.positions)).numpy()
+    e = sim.context.getState(getEnergy=True, groups={5}).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    _assert_close(e, 0.7 * new.kT * new.mean(s)[0])
+    sim.context.setParameter("lambda_bias", -1.0)                 # the parameter still drives the new force
+    e = sim.context.getState(getEnergy=True, groups={5}).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    _assert_close(e, -new.kT * new.mean(s)[0])
+    # CG walkers: swapping keeps positions and the backend
+    dyn = CGDynamics(analytic, np.array([[0.3, -1.2], [2.0, 1.0]]), backend=backend)
+    before = dyn.s
+    dyn.swap_pmf(ensemble)
+    np.testing.assert_allclose(dyn.s, before, atol=1e-12)
+    assert force_backend(dyn.simulation.system.getForce(0)).name == backend
+    assert dyn.energy_kT() == pytest.approx(float(new.mean(before).sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_python_backend_system_survives_xml_serialization(periodic, ensemble, aldp_system, tmp_path):
+    """A System carrying the bias through the PythonForce backend round-trips XmlSerializer (as a file) and gives
+    the same energies and forces in a new Context; the plugin still recognises the deserialized force.
+    (Not done with a TorchForce: deserializing one segfaults with the openmm-torch CPU wheel.)"""
+    system = _periodic_aldp(aldp_system) if periodic else _aldp_copy(aldp_system)
+    add_pmf_bias(system, ensemble, factor=-0.8, parameter="lam", backend="python")
+    xml = tmp_path / "system.xml"
+    xml.write_text(openmm.XmlSerializer.serialize(system))
+    restored = openmm.XmlSerializer.deserialize(xml.read_text())
+    assert [force_backend(restored.getForce(i)).name for i in plugin_forces(restored)] == ["python"]
+    assert force_parameters(restored.getForce(plugin_forces(restored)[0])) == [("lam", -0.8)]
+    c_old, c_new = _context(system), _context(restored)
+    rng = np.random.default_rng(14)
+    for _ in range(3):
+        x = aldp_system.positions + rng.normal(scale=0.05, size=aldp_system.positions.shape)
+        e_old, f_old = _energy_forces(c_old, x)
+        e_new, f_new = _energy_forces(c_new, x)
+        _assert_close(e_new, e_old, rtol=1e-12)
+        _assert_close(f_new, f_old, rtol=1e-12)
+    c_new.setParameter("lam", 0.25)
+    c_old.setParameter("lam", 0.25)
+    _assert_close(_energy_forces(c_new, x)[0], _energy_forces(c_old, x)[0], rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------ j) pmf.pt ranges and old files
+def test_pmf_ranges_from_the_file_and_old_files_load(double_well, tmp_path):
+    path = save_pmf(DoubleWellPMF(), tmp_path / "dw.pt", CGSpace(["s"], [False], 1202.7), ranges=[(-1.8, 1.5)])
+    pmf = load_pmf(path)
+    assert pmf.default_range(0) == (-1.8, 1.5) and pmf.cg_ranges == [(-1.8, 1.5)]
+    assert pmf.cgspace == CGSpace(["s"], [False], 1202.7)
+    assert load_pmf(double_well).default_range(0) == (-math.pi, math.pi)    # no cg_ranges: the fallback
+    old = load_pmf(os.path.join(ROOT, "benchmarks", "data", "aldp_al", "pmf.pt"))   # attributes on the module
+    assert old.cg_names == ["phi", "psi"] and old.cg_ranges is None and old.cgspace.atoms == ALDP_QUADS
+    assert old.default_range(0) == (-math.pi, math.pi)
+
+
+# -------------------------------------------------------------------------------- k) the reporter appends
+def test_cg_reporter_appends_chunks_and_survives_a_crash(analytic, tmp_path):
+    """Flushes append new zip members (earlier bytes untouched, size and member count grow); a file left by a run
+    that never closed is readable with read_cg_npz; describeNextReport is OpenMM's dict form in a real Simulation."""
+    import zipfile
+
+    dyn = CGDynamics(analytic, np.random.default_rng(15).uniform(-math.pi, math.pi, size=(4, 2)), seed=5)
+    out = tmp_path / "walkers.npz"
+    reporter = CGReporter(out, 5, flush_every=2)
+    assert reporter.describeNextReport(dyn.simulation) == {"steps": 5, "periodic": None, "include": ["positions"]}
+    dyn.simulation.reporters.append(reporter)
+    dyn.simulation.step(10)                                          # 2 frames: one chunk
+    with zipfile.ZipFile(out) as zf:
+        first = zf.getinfo("s.000001.npy")
+        n_members = len(zf.namelist())
+    size_1 = os.path.getsize(out)
+    with open(out, "rb") as fh:
+        first_bytes = fh.read(first.header_offset + 30 + len(first.filename) + first.compress_size)
+    sizes, members = [size_1], [n_members]
+    for _ in range(3):
+        dyn.simulation.step(10)
+        with zipfile.ZipFile(out) as zf:
+            members.append(len(zf.namelist()))
+        sizes.append(os.path.getsize(out))
+    assert all(b > a for a, b in zip(sizes, sizes[1:])) and all(b > a for a, b in zip(members, members[1:]))
+    with open(out, "rb") as fh:
+        assert fh.read(len(first_bytes)) == first_bytes              # the first chunk was not rewritten
+    # a "crash" now (no close): the chunked file holds every flushed frame
+    left = read_cg_npz(out)
+    assert left["s"].shape == (8, 4, 2) and left["spread"].shape == (8, 4) and left["time_ps"].shape == (8,)
+    np.testing.assert_array_equal(left["step"], 5 * np.arange(1, 9))
+    assert list(left["cg_names"]) == ["phi", "psi"]
+    dyn.simulation.step(5)                                           # one frame still in memory
+    assert reporter.n_frames == 9
+    reporter.close()
+    with np.load(out) as z:
+        assert sorted(z.files) == ["cg_names", "periodic", "s", "spread", "step", "temperature", "time_ps"]
+        np.testing.assert_array_equal(z["s"][:8], left["s"])
+        assert z["s"].shape == (9, 4, 2)
+    closed = read_cg_npz(out)
+    np.testing.assert_array_equal(closed["step"], 5 * np.arange(1, 10))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+

@@ -1,11 +1,12 @@
-"""Systems: built-in molecules, the generic path, and clear errors for bad input."""
+"""Systems: built-in molecules, the generic path, the registry (a user's own named system), and clear errors
+for bad input."""
 
 import numpy as np
 import openmm
 import openmm.app as app
 import pytest
 
-from openmm_cgflow import systems
+from openmm_cgflow import registry, systems
 
 
 def _aldp_parts():
@@ -99,9 +100,56 @@ def test_missing_and_corrupt_pdb(tmp_path):
 
 def test_unknown_builtin_system():
     with pytest.raises(ValueError, match="unknown system 'argon'"):
-        systems.builtin("argon")
+        registry.builtin("argon")
 
 
 def test_mueller_brown_system(mb):
     assert mb.cg_names == ["s"] and mb.cg_periodic == [False] and mb.cg_atoms == []
     assert abs(mb.beta - 0.1) < 1e-5
+
+
+def _my_peptide(temperature=300.0):
+    return systems.from_pdb(systems.data_path("alanine-dipeptide.pdb"), ["phi:ALA", "psi:ALA"], temperature,
+                            name="my-peptide")
+
+
+def test_a_user_registered_system_is_found_everywhere(tmp_path):
+    """register_system -> builtin(name), LearnerSettings.for_system, flow_for, the CLI target and flow.pt all
+    find the user's system and its defaults."""
+    import torch
+
+    from openmm_cgflow import LearnerSettings, builtin, register_system
+    from openmm_cgflow.cli import load_config
+    from openmm_cgflow.flow import flow_for
+    from openmm_cgflow.model_io import load_model, save_model
+
+    register_system("my-peptide", _my_peptide, settings={"radius": 0.4, "n_walkers": 7},
+                    flow={"n_layers": 2, "hidden": (16,)}, replace=True)
+    assert "my-peptide" in registry.registered()
+    mol = builtin("my-peptide")
+    assert mol.builtin == "my-peptide" and mol.name == "my-peptide" and mol.cg_names == ["phi", "psi"]
+    st = LearnerSettings.for_system(mol, n_walkers=3)
+    assert st.radius == 0.4 and st.n_walkers == 3
+    assert LearnerSettings.for_system(systems.from_pdb(systems.data_path("alanine-dipeptide.pdb"),
+                                                       ["phi:ALA", "psi:ALA"])).radius == LearnerSettings().radius
+    flow = flow_for(mol, dtype=torch.float32)
+    assert flow.hparams["n_layers"] == 2
+    cgsystem, settings, reference = load_config("my-peptide")
+    assert cgsystem.builtin == "my-peptide" and settings == {} and reference is None
+    save_model(tmp_path / "flow.pt", flow, mol)
+    _, again = load_model(tmp_path / "flow.pt")
+    assert again.builtin == "my-peptide" and again.cg_atoms == mol.cg_atoms
+    assert [(a.index, b.index) for a, b in again.topology.bonds()] == [(a.index, b.index) for a, b in mol.topology.bonds()]
+    with pytest.raises(ValueError, match="already registered"):
+        register_system("my-peptide", _my_peptide)
+
+
+def test_builtin_options_reach_the_factory_and_the_stored_system(tmp_path):
+    from openmm_cgflow.model_io import system_from_dict, system_to_dict
+
+    hot = registry.builtin("alanine-dipeptide", temperature=350.0)
+    assert hot.temperature == 350.0 and hot.builtin_options == {"temperature": 350.0}
+    again = system_from_dict(system_to_dict(hot))
+    assert again.temperature == 350.0 and again.builtin == "alanine-dipeptide"
+    mb = system_from_dict(system_to_dict(registry.builtin("mueller-brown")))
+    assert mb.builtin == "mueller-brown" and mb.cg_periodic == [False]

@@ -9,8 +9,9 @@ import torch
 from openmm_cgflow import mueller_brown as M
 from openmm_cgflow.bridge import EnergyBridge
 from openmm_cgflow.flow import ConditionalFlow
-from openmm_cgflow.free_energy import free_energy, log_weights
-from openmm_cgflow.training import Trainer, ess_fraction, reverse_kl_loss
+from openmm_cgflow.free_energy import free_energy
+from openmm_cgflow.importance import ess_fraction, log_weights
+from openmm_cgflow.training import Trainer, reverse_kl_loss
 
 @pytest.fixture(autouse=True)
 def _one_thread():

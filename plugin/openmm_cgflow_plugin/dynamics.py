@@ -13,17 +13,14 @@ Default dynamics (chosen for PMFs with barriers of ~10 kT and curvatures up to ~
 * friction 2 / ps: close to critical damping in the wells (omega ~ 2-10 / ps), which decorrelates
   fastest; the position diffusion constant is kT / (m gamma) = 0.5 rad^2/ps.
 
-Shapes: ``s`` [W, d]; :meth:`CGDynamics.run` returns s [F, W, d] and spread [F, W] (kT).
-:class:`CGReporter` writes NumPy .npz: ``s`` [frames, walkers, d] (float32, periodic coordinates in
-[-pi, pi)), ``spread`` [frames, walkers] kT (float32), ``time_ps`` [frames], plus ``step`` [frames],
-``cg_names``, ``periodic``, ``temperature``.
+Shapes: ``s`` [W, d]; :meth:`CGDynamics.run` returns s [F, W, d] and spread [F, W] (kT). The reporter
+that records walkers to .npz is :class:`openmm_cgflow_plugin.reporter.CGReporter`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Optional
 
 import numpy as np
@@ -32,10 +29,12 @@ import openmm.app as app
 import openmm.unit as unit
 import torch
 
-from .forces import cg_walker_system, find_pmf_module
-from .pmf import PMF, load_pmf, wrap_periodic
+from .cgspace import wrap_periodic
+from .forces import cg_walker_system
+from .pmf import load_pmf
+from .swap import swap_pmf
 
-__all__ = ["CGDynamics", "CGReporter", "DEFAULT_TIMESTEP_PS", "DEFAULT_FRICTION_PER_PS", "integrator_seed"]
+__all__ = ["CGDynamics", "DEFAULT_TIMESTEP_PS", "DEFAULT_FRICTION_PER_PS", "integrator_seed", "spread_at"]
 
 DEFAULT_TIMESTEP_PS = 0.02
 DEFAULT_FRICTION_PER_PS = 2.0
@@ -57,7 +56,8 @@ def _platform(platform, properties=None):
     return plat, props
 
 
-def _spread_at(pmf_module, s: np.ndarray, chunk: int = 65536) -> np.ndarray:
+def spread_at(pmf_module, s: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Ensemble spread [N] (kT, float64) of a pmf.pt module at CG coordinates ``s`` [N, d], in chunks."""
     out = []
     with torch.no_grad():
         for i in range(0, len(s), chunk):
@@ -80,6 +80,8 @@ class CGDynamics:
         sampling_temperature: K of the Langevin thermostat (default: the file's temperature). The PMF stays
             the one of the file; a higher value samples exp(-A * T / T_sampling), i.e. explores a flattened
             landscape (used by active learning to reach uncertain regions sooner).
+        backend: force backend of the walker force: "torch" (TorchForce), "python" (openmm.PythonForce) or
+            None (the default, see :mod:`openmm_cgflow_plugin.backends`).
     Attributes: ``simulation`` (openmm.app.Simulation), ``pmf`` (:class:`~openmm_cgflow_plugin.pmf.PMF`),
     ``n_walkers``, ``s`` (current CG coordinates [W, d], periodic ones in [-pi, pi)).
     """
@@ -87,7 +89,7 @@ class CGDynamics:
     def __init__(self, pmf_path, s0, temperature=None, friction: float = DEFAULT_FRICTION_PER_PS,
                  timestep: float = DEFAULT_TIMESTEP_PS, platform="Reference", seed: int = 0,
                  mass: Optional[float] = None, properties: Optional[dict] = None,
-                 sampling_temperature: Optional[float] = None):
+                 sampling_temperature: Optional[float] = None, backend: Optional[str] = None):
         self.pmf = load_pmf(pmf_path, temperature=temperature)
         s0 = np.asarray(s0, dtype=np.float64)
         if s0.ndim == 1 and s0.shape[0] == self.pmf.n_cg:
@@ -111,7 +113,7 @@ class CGDynamics:
             self.sampling_temperature = self.temperature
         self.timestep = float(timestep)
         self.friction = float(friction)
-        system, topology = cg_walker_system(self.pmf, self.n_walkers, mass)
+        system, topology = cg_walker_system(self.pmf, self.n_walkers, mass, backend=backend)
         integrator = openmm.LangevinMiddleIntegrator(self.sampling_temperature * unit.kelvin, self.friction / unit.picosecond,
                                                      self.timestep * unit.picosecond)
         integrator.setRandomNumberSeed(integrator_seed(seed))
@@ -144,8 +146,6 @@ class CGDynamics:
     def swap_pmf(self, pmf_path) -> None:
         """Continue on a refined ``pmf.pt`` (same CG coordinates and temperature), keeping the walkers'
         positions and velocities (see :func:`openmm_cgflow_plugin.swap_pmf`)."""
-        from .swap import swap_pmf
-
         new = load_pmf(pmf_path, expected_cg=self.pmf.cg_names, temperature=self.temperature)
         swap_pmf(self.simulation, new)
         self.pmf = new
@@ -179,7 +179,7 @@ class CGDynamics:
             pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
             s = wrap_periodic(pos[:, :d], self.pmf.periodic)
             s_out[f] = s
-            spread_out[f] = _spread_at(self.pmf.module, s)
+            spread_out[f] = spread_at(self.pmf.module, s)
             if any(self.pmf.periodic):
                 pos[:, :d] = s
                 self.context.setPositions(pos)
@@ -187,108 +187,3 @@ class CGDynamics:
         if rest:
             self.simulation.step(rest)
         return s_out, spread_out
-
-
-class CGReporter:
-    """OpenMM reporter recording the walkers' CG coordinates and the ensemble spread there to .npz.
-
-    Args:
-        file: output path (.npz), written atomically (temp file + rename) every ``flush_every`` reports
-            and on :meth:`close` (also on garbage collection / context-manager exit).
-        reportInterval: steps between frames.
-        pmf: the ``pmf.pt`` (path, PMF or module) to evaluate the spread with; default: the PMF inside
-            the Simulation's CG-walker TorchForce.
-        dtype: storage dtype of ``s`` and ``spread`` (float32 by default).
-    Usage: ``simulation.reporters.append(CGReporter("walkers.npz", 100))`` ... ``reporter.close()``.
-    """
-
-    def __init__(self, file, reportInterval: int, pmf=None, flush_every: int = 100, dtype=np.float32):
-        self.file = os.fspath(file)
-        self.reportInterval = int(reportInterval)
-        if self.reportInterval < 1:
-            raise ValueError("reportInterval must be >= 1")
-        self.flush_every = max(1, int(flush_every))
-        self.dtype = dtype
-        self._pmf = None if pmf is None else load_pmf(pmf)
-        self._module = None if self._pmf is None else self._pmf.module
-        self._s, self._spread, self._time, self._step = [], [], [], []
-        self._unflushed = 0
-        self._closed = False
-
-    def describeNextReport(self, simulation):
-        steps = self.reportInterval - simulation.currentStep % self.reportInterval
-        # (steps, positions, velocities, forces, energies, wrap): positions, unwrapped (we wrap ourselves).
-        return (steps, True, False, False, False, False)
-
-    def _resolve(self, simulation):
-        if self._module is not None:
-            return
-        module = find_pmf_module(simulation.system)
-        if module is None:
-            raise ValueError("CGReporter: the Simulation has no CG-walker TorchForce; pass pmf= explicitly")
-        self._module = module
-        self._pmf = PMF(module)
-
-    def report(self, simulation, state) -> None:
-        if self._closed:
-            raise RuntimeError("CGReporter.report() after close()")
-        self._resolve(simulation)
-        d = self._pmf.n_cg
-        pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
-        s = wrap_periodic(pos[:, :d], self._pmf.periodic)
-        self._s.append(s.astype(self.dtype))
-        self._spread.append(_spread_at(self._module, s).astype(self.dtype))
-        self._time.append(state.getTime().value_in_unit(unit.picosecond))
-        self._step.append(simulation.currentStep)
-        self._unflushed += 1
-        if self._unflushed >= self.flush_every:
-            self.flush()
-
-    @property
-    def n_frames(self) -> int:
-        return len(self._s)
-
-    def arrays(self) -> dict:
-        """The recorded data as a dict of arrays (the npz content)."""
-        d = self._pmf.n_cg if self._pmf is not None else 0
-        s = np.stack(self._s) if self._s else np.zeros((0, 0, d), dtype=self.dtype)
-        spread = np.stack(self._spread) if self._spread else np.zeros((0, 0), dtype=self.dtype)
-        out = {"s": s, "spread": spread, "time_ps": np.asarray(self._time, dtype=np.float64),
-               "step": np.asarray(self._step, dtype=np.int64)}
-        if self._pmf is not None:
-            out.update(cg_names=np.asarray(self._pmf.cg_names), periodic=np.asarray(self._pmf.periodic),
-                       temperature=np.float64(self._pmf.temperature))
-        return out
-
-    def flush(self) -> None:
-        """Write everything recorded so far (atomically)."""
-        folder = os.path.dirname(os.path.abspath(self.file))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".cgreporter-", suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, **self.arrays())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.file)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        self._unflushed = 0
-
-    def close(self) -> None:
-        if not self._closed:
-            self.flush()
-            self._closed = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            if not self._closed and self._unflushed:
-                self.flush()
-        except Exception:
-            pass

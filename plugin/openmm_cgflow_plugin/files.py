@@ -1,8 +1,9 @@
 """Atomic file writes: the package's one way to write a file that a crash must never leave half-written.
 
-:func:`atomic_write` opens a temporary file in the destination's folder, hands it to the caller, flushes
-and fsyncs it, then renames it over the destination (``os.replace``, atomic on POSIX); on any error the
-temporary file is removed and the destination is untouched. Readers therefore see the old file or the
+:class:`AtomicPath` makes a temporary file in the destination's folder and, on commit, fsyncs it and
+renames it over the destination (``os.replace``, atomic on POSIX); on any error the temporary file is
+removed and the destination is untouched. :func:`atomic_write` hands the caller an open file on top of it;
+writers that need a file name (mdtraj's trajectory files) use :class:`AtomicPath` directly. Readers therefore see the old file or the
 new one, never a mixture. The sampler's run directory writes through this too.
 """
 
@@ -12,10 +13,46 @@ import contextlib
 import os
 import tempfile
 
-__all__ = ["atomic_write", "TEMP_PREFIX"]
+__all__ = ["atomic_write", "AtomicPath", "TEMP_PREFIX"]
 
 #: Prefix of the temporary files (a crash between create and rename can leave one behind).
 TEMP_PREFIX = ".tmp-cgflow-"
+
+
+class AtomicPath:
+    """A temporary path beside ``path`` that replaces ``path`` on :meth:`commit` (or is removed on
+    :meth:`discard`): for writers that need a file name, such as mdtraj's trajectory files.
+
+    The folder is created if needed; the committed file gets mode 0o644. Also a context manager: commit on
+    a clean exit, discard on an exception.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.splitext(self.path)[1])
+        os.close(fd)
+
+    def commit(self) -> None:
+        """Flush the temporary file to disk and rename it over the destination."""
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+    def __enter__(self) -> "AtomicPath":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
 
 
 @contextlib.contextmanager
@@ -27,19 +64,6 @@ def atomic_write(path, mode: str = "wb"):
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=suffix)
-    try:
-        with os.fdopen(fd, mode) as fh:
+    with AtomicPath(path) as target:
+        with open(target.tmp, mode) as fh:
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -3,13 +3,14 @@
 Units: positions nm (1 rad of a CG dihedral is read as 1 nm for walkers), energies kJ/mol (the PMF in kT
 times kT of the file's temperature), temperature K.
 
-* :func:`make_torch_force` is the single place a TorchForce is constructed (openmm-torch is imported
-  there, lazily), so another backend (e.g. ``openmm.PythonForce``) can be added without touching callers.
 * :func:`cg_walker_system` builds a System of W independent walkers in CG space driven by the mean PMF.
 * :func:`add_pmf_bias` adds ``factor * A(s(x))`` (kT -> kJ/mol) to an all-atom System, s(x) the CG
   dihedrals from atom positions; ``factor = -1`` flattens the landscape along s.
 * :func:`pmf_cmap_force` exports a two-dihedral PMF as OpenMM's own ``CMAPTorsionForce`` (bicubic spline
-  on an n x n grid), for users without openmm-torch.
+  on an n x n grid), for users without torch in their simulation.
+
+The walker force and the bias are built through :func:`openmm_cgflow_plugin.backends.make_force`
+(``backend="torch"``: TorchForce; ``"python"``: openmm.PythonForce; None: the default backend).
 """
 
 from __future__ import annotations
@@ -20,41 +21,18 @@ from typing import Optional, Sequence
 import numpy as np
 import openmm
 import openmm.app as app
-import torch
 
+from .backends import force_module, make_force, plugin_forces
+from .cgspace import TWO_PI, kT_kJmol, wrap_periodic
+from .files import atomic_write
 from .modules import CGWalkerEnergy, CGWalkerEnergyPBC, DihedralBias, DihedralBiasPBC
-from .pmf import PMF, load_pmf, wrap_periodic
+from .pmf import load_pmf
 
-__all__ = ["make_torch_force", "cg_walker_system", "walker_mass", "add_pmf_bias", "pmf_cmap_force",
-           "BIAS_PARAMETER", "find_pmf_module", "plugin_forces", "walker_force"]
+__all__ = ["cg_walker_system", "walker_mass", "add_pmf_bias", "pmf_cmap_force", "cmap_grid", "BIAS_PARAMETER",
+           "find_pmf_module", "walker_force"]
 
-#: Name of the global parameter holding the bias factor of :func:`add_pmf_bias` (Context.setParameter).
+#: Default name of the global parameter holding the bias factor of :func:`add_pmf_bias` (Context.setParameter).
 BIAS_PARAMETER = "cgflow_bias_factor"
-TWO_PI = 2.0 * math.pi
-
-
-def make_torch_force(module: torch.nn.Module, uses_pbc: bool = False, global_parameters: Optional[dict] = None,
-                     force_group: Optional[int] = None) -> openmm.Force:
-    """A TorchForce running ``module`` (scripted here if needed); energies in kJ/mol, forces by autograd.
-
-    ``module.forward`` receives ``positions`` [n, 3] nm, then the box vectors [3, 3] if ``uses_pbc``, then
-    one scalar tensor per global parameter, in the order of ``global_parameters`` (name -> default).
-    """
-    try:
-        from openmmtorch import TorchForce
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise ImportError("openmm-torch is required to run a pmf.pt inside OpenMM (pip install "
-                          "acellera-openmmtorch-cpu, or conda install -c conda-forge openmm-torch); without it "
-                          "use pmf_cmap_force() for a two-dihedral PMF") from exc
-    if not isinstance(module, torch.jit.ScriptModule):
-        module = torch.jit.script(module)
-    force = TorchForce(module)
-    force.setUsesPeriodicBoundaryConditions(bool(uses_pbc))
-    for name, value in (global_parameters or {}).items():
-        force.addGlobalParameter(name, float(value))
-    if force_group is not None:
-        force.setForceGroup(int(force_group))
-    return force
 
 
 def walker_mass(temperature: float) -> float:
@@ -62,18 +40,17 @@ def walker_mass(temperature: float) -> float:
 
     With this mass, time is measured in units where an angular frequency sqrt(A'') (A'' the PMF's
     curvature in kT/rad^2) is in 1/ps, independent of the temperature."""
-    from .pmf import kT_kJmol
-
     return kT_kJmol(temperature)
 
 
-def cg_walker_system(pmf, n_walkers: int, mass: Optional[float] = None):
+def cg_walker_system(pmf, n_walkers: int, mass: Optional[float] = None, backend: Optional[str] = None):
     """(System, Topology) of ``n_walkers`` independent CG walkers driven by the ensemble-mean PMF.
 
     Each walker is one particle whose first d coordinates are the CG coordinates (radians or nm).
     If every CG coordinate is periodic the System has a cubic periodic box of side 2 pi (nm = rad) and the
-    TorchForce uses PBC; otherwise there is no box and periodic coordinates are wrapped inside the
+    walker force uses PBC; otherwise there is no box and periodic coordinates are wrapped inside the
     module. ``mass`` in amu (default :func:`walker_mass`). No CMMotionRemover: walkers are independent.
+    ``backend``: "torch", "python" or None (see :mod:`openmm_cgflow_plugin.backends`).
     """
     pmf = load_pmf(pmf)
     if pmf.n_cg > 3:
@@ -91,7 +68,7 @@ def cg_walker_system(pmf, n_walkers: int, mass: Optional[float] = None):
     if pbc:
         system.setDefaultPeriodicBoxVectors(openmm.Vec3(TWO_PI, 0, 0), openmm.Vec3(0, TWO_PI, 0),
                                             openmm.Vec3(0, 0, TWO_PI))
-    system.addForce(walker_force(pmf, uses_pbc=pbc))
+    system.addForce(walker_force(pmf, uses_pbc=pbc, backend=backend))
     topology = app.Topology()
     chain = topology.addChain()
     for w in range(n_walkers):
@@ -102,41 +79,30 @@ def cg_walker_system(pmf, n_walkers: int, mass: Optional[float] = None):
     return system, topology
 
 
-def walker_force(pmf, uses_pbc: bool, force_group: Optional[int] = None) -> openmm.Force:
-    """The TorchForce of :func:`cg_walker_system`: kT * sum over walkers of the mean PMF (kJ/mol).
+def walker_force(pmf, uses_pbc: bool, force_group: Optional[int] = None, backend: Optional[str] = None) -> openmm.Force:
+    """The force of :func:`cg_walker_system`: kT * sum over walkers of the mean PMF (kJ/mol).
 
     ``pmf`` a loaded :class:`~openmm_cgflow_plugin.pmf.PMF`; ``uses_pbc`` whether the System has the periodic
-    box of side 2 pi (then the module takes the box vectors).
+    box of side 2 pi (then the module takes the box vectors); ``backend`` as in :func:`cg_walker_system`.
     """
     cls = CGWalkerEnergyPBC if uses_pbc else CGWalkerEnergy
-    return make_torch_force(cls(pmf.module, pmf.n_cg, pmf.periodic, pmf.kT), uses_pbc=uses_pbc,
-                            force_group=force_group)
-
-
-def plugin_forces(system: openmm.System) -> list:
-    """Indices of the TorchForces in ``system`` that run a PMF (CG walkers or all-atom bias)."""
-    try:
-        from openmmtorch import TorchForce
-    except ImportError:  # pragma: no cover
-        return []
-    return [i for i, force in enumerate(system.getForces())
-            if TorchForce.isinstance(force) and hasattr(TorchForce.cast(force).getModule(), "pmf")]
+    return make_force(cls(pmf.module, pmf.n_cg, pmf.periodic, pmf.kT), uses_pbc=uses_pbc, force_group=force_group,
+                      backend=backend)
 
 
 def find_pmf_module(system: openmm.System):
-    """The PMF TorchScript module inside the first plugin TorchForce of ``system`` (None if there is none)."""
+    """The PMF TorchScript module inside the first plugin force of ``system`` (None if there is none)."""
     indices = plugin_forces(system)
     if not indices:
         return None
-    from openmmtorch import TorchForce
-
-    return TorchForce.cast(system.getForce(indices[0])).getModule().pmf
+    return force_module(system.getForce(indices[0])).pmf
 
 
 def add_pmf_bias(system: openmm.System, pmf_path, factor: float = -1.0, temperature=None,
                  cg_atoms: Optional[Sequence[Sequence[int]]] = None, force_group: Optional[int] = None,
-                 parameter: str = BIAS_PARAMETER, uses_pbc: Optional[bool] = None) -> openmm.Force:
-    """Add ``factor * kT * A(s(x))`` to an all-atom System as a TorchForce and return the force.
+                 parameter: str = BIAS_PARAMETER, uses_pbc: Optional[bool] = None,
+                 backend: Optional[str] = None) -> openmm.Force:
+    """Add ``factor * kT * A(s(x))`` to an all-atom System and return the force.
 
     Args:
         system: the all-atom ``openmm.System`` (periodic or not); modified in place.
@@ -150,7 +116,9 @@ def add_pmf_bias(system: openmm.System, pmf_path, factor: float = -1.0, temperat
         uses_pbc: take the dihedrals' bond vectors by the minimum-image convention of the periodic box.
             None (default): if ``system.usesPeriodicBoundaryConditions()``, i.e. if a force already in the
             System is periodic, so add the bias after the force field's forces (or pass True).
-    Returns the TorchForce (already added to ``system``).
+        backend: "torch" (TorchForce), "python" (openmm.PythonForce; serialisable with XmlSerializer) or
+            None (the default: "torch" when openmm-torch is installed).
+    Returns the force (already added to ``system``).
     """
     pmf = load_pmf(pmf_path, temperature=temperature)
     if not all(pmf.periodic):
@@ -172,14 +140,15 @@ def add_pmf_bias(system: openmm.System, pmf_path, factor: float = -1.0, temperat
     pbc = system.usesPeriodicBoundaryConditions() if uses_pbc is None else bool(uses_pbc)
     cls = DihedralBiasPBC if pbc else DihedralBias
     module = cls(pmf.module, quads, pmf.kT)
-    force = make_torch_force(module, uses_pbc=pbc, global_parameters={parameter: factor}, force_group=force_group)
+    force = make_force(module, uses_pbc=pbc, global_parameters={str(parameter): factor}, force_group=force_group,
+                       backend=backend)
     system.addForce(force)
     return force
 
 
 def cmap_grid(pmf, n_grid: int = 24) -> np.ndarray:
     """Mean PMF (kT) on OpenMM's CMAP grid: [n_grid, n_grid] with entry [i, j] at angles
-    (2 pi i / n, 2 pi j / n), as CMAPTorsionForce.addMap documents (checked against OpenMM 8.6)."""
+    (2 pi i / n, 2 pi j / n) radians, as CMAPTorsionForce.addMap documents (checked against OpenMM 8.6)."""
     pmf = load_pmf(pmf)
     a = TWO_PI * np.arange(n_grid) / n_grid
     g1, g2 = np.meshgrid(a, a, indexing="ij")
@@ -215,6 +184,6 @@ def pmf_cmap_force(pmf_path, n_grid: int = 24, factor: float = 1.0, temperature=
     force.addMap(n_grid, grid.ravel(order="F").tolist())
     force.addTorsion(0, *quads[0], *quads[1])
     if xml_path is not None:
-        with open(xml_path, "w") as fh:
+        with atomic_write(xml_path, "w") as fh:
             fh.write(openmm.XmlSerializer.serialize(force))
     return force

@@ -1,8 +1,10 @@
-"""TorchScript modules that TorchForce runs: a PMF on CG walkers, and a PMF bias through dihedrals.
+"""TorchScript energy modules the plugin's forces run: a PMF on CG walkers, and a PMF bias through dihedrals.
 
-Energies are returned in kJ/mol (OpenMM's unit) in the dtype of ``positions`` (float64 on the Reference
-and CPU platforms, float32 on CUDA/OpenCL in single or mixed precision); forces come from autograd in
-openmm-torch. The PMF module inside computes in the same dtype.
+They are backend-neutral: :mod:`openmm_cgflow_plugin.backends` runs them in a TorchForce (openmm-torch)
+or an ``openmm.PythonForce``, with the same arguments. Energies are returned in kJ/mol (OpenMM's unit)
+in the dtype of ``positions`` (float64 on the Reference and CPU platforms and in the PythonForce backend,
+float32 on CUDA/OpenCL in single or mixed precision); forces come from autograd. The PMF module inside
+computes in the same dtype.
 
 * :class:`CGWalkerEnergy` / :class:`CGWalkerEnergyPBC`: ``positions`` [W, 3] hold W independent walkers;
   the first d columns are the CG coordinates s (1 rad is read as 1 nm), the rest are ignored. Periodic
@@ -13,20 +15,23 @@ openmm-torch. The PMF module inside computes in the same dtype.
   minimum-image convention of the (triclinic, reduced) box.
 """
 
-import math
 from typing import List
 
 import torch
 from torch import nn
 
-TWO_PI = 2.0 * math.pi
+from .cgspace import wrap_angle
+
+__all__ = ["wrap_columns", "dihedrals", "dihedrals_pbc", "minimum_image", "CGWalkerEnergy", "CGWalkerEnergyPBC",
+           "DihedralBias", "DihedralBiasPBC"]
 
 
 def wrap_columns(s: torch.Tensor, periodic_mask: torch.Tensor) -> torch.Tensor:
-    """Wrap the columns of s [N, d] where ``periodic_mask`` [d] is True into [-pi, pi)."""
-    two_pi = 6.283185307179586
-    wrapped = s - two_pi * torch.floor((s + 3.141592653589793) / two_pi)
-    return torch.where(periodic_mask.unsqueeze(0), wrapped, s)
+    """Wrap the columns of s [N, d] (radians) where ``periodic_mask`` [d] is True into [-pi, pi)
+    (:func:`~openmm_cgflow_plugin.cgspace.wrap_angle`). Values already in [-pi, pi) pass through bit for bit
+    (``wrap_angle`` would round them at the 1e-16 level, which long Langevin runs amplify)."""
+    outside = (s < -3.141592653589793) | (s >= 3.141592653589793)
+    return torch.where(periodic_mask.unsqueeze(0) & outside, wrap_angle(s), s)
 
 
 def dihedrals(positions: torch.Tensor, quads: torch.Tensor) -> torch.Tensor:

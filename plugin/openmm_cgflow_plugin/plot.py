@@ -1,6 +1,8 @@
 """Plots of a PMF ensemble: Ramachandran-style mean/spread panels (2-D) or mean +- spread (1-D).
 
-matplotlib is imported lazily here (Agg canvas, no display needed). Energies in kT, angles in radians.
+matplotlib is imported lazily here and used only through its object API (``matplotlib.figure.Figure``
+with an Agg canvas: no pyplot, no global backend change, no display needed). Energies in kT, angles in
+radians (other CG coordinates in nm). The PNG is written atomically.
 """
 
 from __future__ import annotations
@@ -12,28 +14,24 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .pmf import PMF, load_pmf, wrap_periodic
+from .cgspace import wrap_periodic
+from .files import atomic_write
+from .pmf import PMF, load_pmf
 
 __all__ = ["plot_pmf", "as_pmf"]
 
 
 def as_pmf(pmf_path_or_model) -> PMF:
     """A :class:`PMF` from a path, a PMF, or an in-memory module with ``cg_names``/``periodic`` attributes
-    and ``mean_and_spread`` (e.g. an unexported ``openmm_cgflow.ensemble.PMFEnsemble``)."""
+    and ``mean_and_spread`` (e.g. an ensemble before it is saved; ``temperature``, ``cg_atoms`` and
+    ``cg_ranges`` are read when present)."""
     if isinstance(pmf_path_or_model, PMF):
         return pmf_path_or_model
     if isinstance(pmf_path_or_model, torch.nn.Module) and not isinstance(pmf_path_or_model, torch.jit.ScriptModule):
         for attr in ("cg_names", "periodic", "mean_and_spread"):
             if not hasattr(pmf_path_or_model, attr):
                 raise ValueError(f"the PMF module has no {attr!r}")
-        pmf = PMF.__new__(PMF)
-        pmf.module, pmf.path = pmf_path_or_model, None
-        pmf.cg_names = [str(n) for n in pmf_path_or_model.cg_names]
-        pmf.periodic = [bool(p) for p in pmf_path_or_model.periodic]
-        pmf.temperature = float(getattr(pmf_path_or_model, "temperature", 0.0))
-        pmf.cg_atoms = [list(q) for q in getattr(pmf_path_or_model, "cg_atoms", [])]
-        pmf.metadata = {}
-        return pmf
+        return PMF(pmf_path_or_model)
     return load_pmf(pmf_path_or_model)
 
 
@@ -133,6 +131,6 @@ def plot_pmf(pmf_path_or_model, png_path, points=None, threshold: Optional[float
         fig.suptitle(title)
     fig.tight_layout()
     png_path = os.fspath(png_path)
-    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-    fig.savefig(png_path, dpi=dpi)
+    with atomic_write(png_path) as fh:
+        fig.savefig(fh, format="png", dpi=dpi)
     return png_path

@@ -1,4 +1,5 @@
-"""Load and inspect an exported PMF ensemble (``pmf.pt``).
+"""Load and inspect an exported PMF ensemble (``pmf.pt``): the reader beside the one writer
+(:func:`~openmm_cgflow_plugin.pmf_file.save_pmf`).
 
 A ``pmf.pt`` is a TorchScript module (the file contract of design.md):
 
@@ -7,10 +8,12 @@ A ``pmf.pt`` is a TorchScript module (the file contract of design.md):
 * ``mean_and_spread(s)`` -> (mean [N], standard deviation over the ensemble [N]), both in kT;
 * attributes ``cg_names: List[str]``, ``periodic: List[bool]``, ``temperature: float`` (K) and
   ``cg_atoms: List[List[int]]`` (0-based atom quadruple of each dihedral CG coordinate; empty otherwise);
-  optionally ``metadata: str`` (JSON).
+  optionally ``metadata: str`` (JSON) and ``cg_ranges: List[List[float]]`` ((lo, hi) per coordinate,
+  written by ``save_pmf``). Older files (attributes directly on the module, no ``cg_ranges``) load too.
 
 :func:`load_pmf` checks all of this and returns a :class:`PMF`, a thin wrapper that evaluates the module
-on NumPy arrays or tensors. This module imports torch, openmm (units) and numpy only.
+on NumPy arrays or tensors and carries the :class:`~openmm_cgflow_plugin.cgspace.CGSpace`. This module
+imports torch, openmm (units) and numpy only.
 """
 
 from __future__ import annotations
@@ -18,39 +21,25 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import openmm.unit as unit
 import torch
 
-__all__ = ["PMF", "load_pmf", "kT_kJmol", "wrap_periodic", "MOLAR_GAS_CONSTANT"]
+from .cgspace import CGSpace, kT_kJmol
 
-#: kJ/(mol K), OpenMM's value.
-MOLAR_GAS_CONSTANT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
+__all__ = ["PMF", "load_pmf", "check_temperature"]
+
 #: Relative tolerance when comparing a requested temperature with the file's.
 TEMPERATURE_RTOL = 1e-6
 _REQUIRED_ATTRIBUTES = ("cg_names", "periodic", "temperature", "cg_atoms")
-
-
-def kT_kJmol(temperature: float) -> float:
-    """Thermal energy kT in kJ/mol at ``temperature`` K."""
-    return MOLAR_GAS_CONSTANT * float(temperature)
 
 
 def _kelvin(temperature) -> float:
     if unit.is_quantity(temperature):
         temperature = temperature.value_in_unit(unit.kelvin)
     return float(temperature)
-
-
-def wrap_periodic(s: np.ndarray, periodic: Sequence[bool]) -> np.ndarray:
-    """Copy of CG coordinates ``s`` [..., d] with periodic columns wrapped into [-pi, pi)."""
-    s = np.array(s, dtype=np.float64, copy=True)
-    for k, p in enumerate(periodic):
-        if p:
-            s[..., k] = np.mod(s[..., k] + math.pi, 2 * math.pi) - math.pi
-    return s
 
 
 class PMF:
@@ -61,6 +50,8 @@ class PMF:
         path: the file it came from (None when built from a module).
         cg_names, periodic, cg_atoms: as in the file; ``n_cg`` = d.
         temperature: K; ``kT``: kJ/mol at that temperature.
+        cg_ranges: (lo, hi) per coordinate from the file's ``cg_ranges`` (None for older files).
+        cgspace: the :class:`~openmm_cgflow_plugin.cgspace.CGSpace` (names, periodic, temperature, atoms).
         metadata: dict parsed from the module's ``metadata`` JSON string (empty if absent).
     """
 
@@ -69,8 +60,10 @@ class PMF:
         self.path = path
         self.cg_names = [str(n) for n in module.cg_names]
         self.periodic = [bool(p) for p in module.periodic]
-        self.temperature = float(module.temperature)
-        self.cg_atoms = [[int(i) for i in q] for q in module.cg_atoms]
+        self.temperature = float(getattr(module, "temperature", 0.0))
+        self.cg_atoms = [[int(i) for i in q] for q in getattr(module, "cg_atoms", [])]
+        ranges = getattr(module, "cg_ranges", None)
+        self.cg_ranges = None if ranges is None else [(float(lo), float(hi)) for lo, hi in ranges]
         meta = getattr(module, "metadata", "{}")
         try:
             self.metadata = json.loads(meta) if isinstance(meta, str) else {}
@@ -80,6 +73,11 @@ class PMF:
     @property
     def n_cg(self) -> int:
         return len(self.cg_names)
+
+    @property
+    def cgspace(self) -> CGSpace:
+        """The CG space of this PMF (raises ValueError for inconsistent metadata)."""
+        return CGSpace(self.cg_names, self.periodic, self.temperature, self.cg_atoms)
 
     @property
     def kT(self) -> float:
@@ -135,16 +133,11 @@ class PMF:
         return centres, np.concatenate(mean).reshape(shape), np.concatenate(spread).reshape(shape)
 
     def default_range(self, k: int) -> tuple:
-        """Plot/grid range of coordinate k: [-pi, pi) if periodic, else the training inputs' mean +- 3 std
-        when the module carries them (``s_mean``/``s_scale`` buffers), else [-pi, pi]."""
-        if self.periodic[k]:
-            return (-math.pi, math.pi)
-        try:
-            mu = float(self.module.s_mean[k])
-            sd = float(self.module.s_scale[k])
-            return (mu - 3 * sd, mu + 3 * sd)
-        except (AttributeError, IndexError, RuntimeError):
-            return (-math.pi, math.pi)
+        """Plot/grid range (lo, hi) of coordinate k: the file's ``cg_ranges`` entry when it has one, else
+        [-pi, pi) (radians) for periodic coordinates, else (-pi, pi) as a last resort."""
+        if self.cg_ranges is not None and k < len(self.cg_ranges):
+            return tuple(self.cg_ranges[k])
+        return (-math.pi, math.pi)
 
     def __repr__(self) -> str:
         return (f"PMF(path={self.path!r}, cg_names={self.cg_names}, periodic={self.periodic}, "
@@ -214,7 +207,7 @@ def load_pmf(path: Union[str, os.PathLike, "PMF", torch.nn.Module], expected_cg=
                 module = torch.jit.load(file, map_location="cpu")
             except Exception as exc:  # torch raises RuntimeError / ValueError / zipfile errors
                 raise ValueError(f"{where} could not be loaded as a TorchScript PMF (corrupt, truncated or not a "
-                                 f"pmf.pt written by export_pmf): {type(exc).__name__}: {exc}") from exc
+                                 f"pmf.pt written by save_pmf): {type(exc).__name__}: {exc}") from exc
         missing = [a for a in _REQUIRED_ATTRIBUTES if not hasattr(module, a)]
         if not hasattr(module, "mean_and_spread"):
             missing.append("mean_and_spread()")
@@ -231,6 +224,13 @@ def load_pmf(path: Union[str, os.PathLike, "PMF", torch.nn.Module], expected_cg=
             raise ValueError(f"{where}: cg_atoms {pmf.cg_atoms} must be one atom quadruple per CG coordinate")
         if not (math.isfinite(pmf.temperature) and pmf.temperature > 0):
             raise ValueError(f"{where}: temperature {pmf.temperature} K is not a positive number")
+        if pmf.cg_ranges is not None and (len(pmf.cg_ranges) != pmf.n_cg
+                                          or any(not hi > lo for lo, hi in pmf.cg_ranges)):
+            raise ValueError(f"{where}: cg_ranges {pmf.cg_ranges} must be one (lo, hi) with hi > lo per CG coordinate")
+        try:
+            pmf.cgspace
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
         probe = torch.zeros(3, pmf.n_cg, dtype=torch.float64)
         try:
             with torch.no_grad():

@@ -13,10 +13,8 @@ A ``pmf.pt`` is a TorchScript module (the file contract):
 
 The sampler fits any scriptable model with ``forward`` and ``mean_and_spread`` of that shape and hands
 it to :func:`save_pmf` with a :class:`~openmm_cgflow_plugin.cgspace.CGSpace`; the file layout is known
-here only.
+here only. (No ``from __future__ import annotations`` here: TorchScript reads the class annotations.)
 """
-
-from __future__ import annotations
 
 import json
 import math

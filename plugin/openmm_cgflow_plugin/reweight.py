@@ -19,16 +19,18 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .pmf import load_pmf, wrap_periodic
+from .cgspace import kT_kJmol, wrap_periodic
+from .pmf import load_pmf
+from .statistics import kish_ess, normalised_weights, weighted_histogram
 
 __all__ = ["Reweighting", "reweight", "effective_sample_size", "reweighted_histogram"]
 
 
 def effective_sample_size(weights) -> float:
-    """Kish's ESS = (sum w)^2 / sum w^2 of non-negative weights [F]."""
-    w = np.asarray(weights, dtype=np.float64)
-    s2 = float(np.sum(w * w))
-    return float(np.sum(w) ** 2 / s2) if s2 > 0 else 0.0
+    """Kish's ESS = (sum w)^2 / sum w^2 of non-negative (linear) weights [F]
+    (:func:`~openmm_cgflow_plugin.statistics.kish_ess` of their logarithms)."""
+    with np.errstate(divide="ignore"):
+        return float(kish_ess(np.log(np.asarray(weights, dtype=np.float64).reshape(-1))))
 
 
 @dataclass
@@ -75,9 +77,7 @@ def _from_log_weights(log_w: np.ndarray) -> Reweighting:
         raise ValueError("no frames to reweight")
     if not np.all(np.isfinite(log_w)):
         raise ValueError("bias energies must be finite")
-    w = np.exp(log_w - log_w.max())
-    w /= w.sum()
-    return Reweighting(weights=w, log_weights=log_w, ess=effective_sample_size(w))
+    return Reweighting(weights=normalised_weights(log_w), log_weights=log_w, ess=kish_ess(log_w))
 
 
 def reweight(s=None, pmf=None, factor: float = -1.0, bias_kT=None, bias_kJmol=None, temperature=None) -> Reweighting:
@@ -92,8 +92,6 @@ def reweight(s=None, pmf=None, factor: float = -1.0, bias_kT=None, bias_kJmol=No
     if bias_kJmol is not None:
         if temperature is None:
             raise ValueError("bias_kJmol needs the temperature (K)")
-        from .pmf import kT_kJmol
-
         return _from_log_weights(np.asarray(bias_kJmol, dtype=np.float64) / kT_kJmol(float(temperature)))
     if s is None or pmf is None:
         raise ValueError("give s and pmf (and factor), or bias_kT, or bias_kJmol and temperature")
@@ -107,21 +105,13 @@ def reweight(s=None, pmf=None, factor: float = -1.0, bias_kT=None, bias_kJmol=No
 
 
 def reweighted_histogram(s, weights, bins=100, ranges: Optional[Sequence[tuple]] = None, periodic=None):
-    """Normalised histogram [bins] * d of samples ``s`` [F, d] with ``weights`` [F].
+    """Normalised histogram [bins] * d of samples ``s`` [F, d] with linear ``weights`` [F].
 
     ``ranges`` default to [-pi, pi) per coordinate; ``periodic`` (default all True) coordinates are wrapped
-    into their range first. Returns (probabilities, list of edge arrays)."""
+    into [-pi, pi) first (:func:`~openmm_cgflow_plugin.statistics.weighted_histogram`). Returns
+    (probabilities, list of edge arrays)."""
     x = np.asarray(s, dtype=np.float64)
-    if x.ndim == 1:
-        x = x[:, None]
-    d = x.shape[1]
+    d = 1 if x.ndim == 1 else x.shape[1]
     ranges = list(ranges) if ranges is not None else [(-math.pi, math.pi)] * d
     periodic = [True] * d if periodic is None else [bool(p) for p in periodic]
-    x = x.copy()
-    for k in range(d):
-        if periodic[k]:
-            lo, hi = ranges[k]
-            x[:, k] = lo + np.mod(x[:, k] - lo, hi - lo)
-    h, edges = np.histogramdd(x, bins=bins, range=ranges, weights=np.asarray(weights, dtype=np.float64))
-    total = h.sum()
-    return (h / total if total > 0 else h), list(edges)
+    return weighted_histogram(x, weights, bins=bins, ranges=ranges, periodic=periodic)

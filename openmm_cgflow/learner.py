@@ -1,0 +1,440 @@
+"""Active learning of a PMF: spend all-atom energy evaluations only where the PMF ensemble is uncertain.
+
+One iteration (Schopmans & Friederich, ICML 2024), :meth:`PMFLearner.step`, in named phases:
+
+1. *train*: the conditional flow q(fine | s) by energy at the pending CG points plus a replayed share of the
+   earlier ones (so it does not forget), replaying preferentially the points whose labels had a low ESS;
+2. *label*: free-energy labels A(s) (kT) at the pending points by importance sampling of the flow; the
+   replayed points are relabelled and keep whichever label has the higher effective sample size;
+3. *fit*: the PMF ensemble to all labels so far;
+4. *export*: ``pmf.pt`` (TorchScript), ``flow.pt`` and the iteration's snapshot ``pmfs/pmf_NNN.pt``;
+5. *explore*: CG walkers in OpenMM on the exported PMF from the newest points until they reach points where
+   the ensemble spread exceeds the threshold (default 0.2 kT); diverse new centres among those points
+   (farthest-point sampling with periodic distance), each broadened into a neighbourhood, are the pending
+   points of the next iteration.
+
+The run stops by itself when the walkers find no point above the threshold within their CG-step budget
+(no ground truth needed), or on the iteration / energy-evaluation budgets. Every iteration is checkpointed
+in the run directory (:class:`~openmm_cgflow.run_directory.RunDirectory`) and then reported to the
+reporters (:mod:`openmm_cgflow.reporting`); running again with the same directory resumes after the last
+finished iteration, and the same seed gives the same result whether or not the run was interrupted.
+
+Units: CG coordinates in radians (dihedrals) or nm (others), free energies and spreads in kT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from openmm_cgflow_plugin.cgspace import wrap_periodic
+from tqdm.auto import tqdm
+
+from . import metrics
+from .bridge import EnergyBridge
+from .executors import BridgeError
+from .ensemble import PMFEnsemble, export_pmf
+from .ensemble_fit import fit_ensemble
+from .exploration import clip_to_domain, farthest_points, find_uncertain, neighbourhood
+from .flow import flow_for
+from .free_energy import free_energy
+from .model_io import system_from_dict, system_to_dict
+from .reporting import ConsoleReporter, JsonlReporter, PlotReporter
+from .run_directory import RunDirectory
+from .settings import DTYPES, LearnerSettings
+from .training import Trainer
+
+__all__ = ["PMFLearner"]
+
+
+class PMFLearner:
+    """Active learning of the PMF of ``cgsystem`` into the run directory ``out_dir``.
+
+    Typical use::
+
+        learner = PMFLearner(builtin("alanine-dipeptide"), "runs/ala2")
+        learner.run()                     # resumes if runs/ala2 holds a checkpoint
+        learner.pmf_path                  # runs/ala2/pmf.pt, for openmm_cgflow_plugin
+
+    Args:
+        cgsystem: the molecule (:class:`~openmm_cgflow.systems.CGSystem`).
+        out_dir: run directory (created; must be writable).
+        settings: :class:`~openmm_cgflow.settings.LearnerSettings` (default: ``LearnerSettings.for_system``).
+        reference: optional reference for the forward-KLD log (anything
+            :func:`openmm_cgflow.metrics.as_reference` takes, e.g. a registered system name).
+        progress: progress bars and console lines (the :class:`~openmm_cgflow.reporting.ConsoleReporter`).
+        plots: PNG plots per iteration under ``out_dir/plots`` (the :class:`~openmm_cgflow.reporting.PlotReporter`).
+        reporters: further reporters, called after the default ones with every iteration record.
+    """
+
+    def __init__(self, cgsystem, out_dir, settings: LearnerSettings | None = None, reference=None,
+                 progress: bool = True, plots: bool = True, reporters=None):
+        self.cgsystem = cgsystem
+        self.settings = settings or LearnerSettings.for_system(cgsystem)
+        self.settings.validate(cgsystem.n_cg)
+        self.run_directory = RunDirectory(out_dir)
+        self.out_dir = self.run_directory.path
+        self.reference = reference
+        self._reference_data = None if reference is None else metrics.as_reference(reference)
+        self.progress = progress
+        self.plots = plots
+        self.periodic = list(cgsystem.cg_periodic)
+        self.log = print if progress else (lambda *a, **k: None)
+        self.reporters = ([PlotReporter(self.run_directory)] if plots else []) + [JsonlReporter(self.run_directory)]
+        if progress:
+            self.reporters.append(ConsoleReporter())
+        self.reporters += list(reporters or [])
+
+        st = self.settings
+        self.flow = flow_for(cgsystem, dtype=DTYPES[st.flow_dtype], seed=st.seed, **st.flow_kwargs)
+        self._bridge = None
+        self.trainer = None
+        self.ensemble: PMFEnsemble | None = None  # the ensemble of the last fit (pmf.pt holds its export)
+        # state (all that a checkpoint holds)
+        self.iteration = 0
+        self.points = np.zeros((0, cgsystem.n_cg))  # CG points the flow was trained at
+        self.labels = {k: np.zeros(0) for k in ("A", "stderr", "ess", "iteration")}
+        self.label_s = np.zeros((0, cgsystem.n_cg))
+        self.pending: np.ndarray | None = None  # points of the next iteration
+        self.evaluations = 0
+        self.wall_s = 0.0
+        self.history: list[dict] = []
+        self.converged = False
+        self.stop_reason = ""
+        self._optimizer_state = None
+        self._step_count = 0
+        if self.run_directory.has_checkpoint():
+            self._restore(self.run_directory.load_checkpoint())
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def pmf_path(self) -> str:
+        """The latest exported ensemble (TorchScript; see openmm_cgflow_plugin.load_pmf)."""
+        return self.run_directory.pmf_path
+
+    @property
+    def flow_path(self) -> str:
+        """The latest flow with its system (openmm_cgflow.model_io.load_model), for backmapping."""
+        return self.run_directory.flow_path
+
+    @property
+    def checkpoint_path(self) -> str:
+        return self.run_directory.checkpoint_path
+
+    @classmethod
+    def from_run(cls, out_dir, progress: bool = True, plots: bool = True, reference=None,
+                 reporters=None) -> "PMFLearner":
+        """The learner of an existing run directory (system and settings from its checkpoint)."""
+        ck = RunDirectory(out_dir).load_checkpoint()
+        cgsystem = system_from_dict(ck["system"])
+        settings = LearnerSettings(**ck["settings"])
+        return cls(cgsystem, out_dir, settings, reference=reference if reference is not None else ck.get("reference"),
+                   progress=progress, plots=plots, reporters=reporters)
+
+    # ------------------------------------------------------------------ resources
+    @property
+    def bridge(self) -> EnergyBridge:
+        if self._bridge is None:
+            st = self.settings
+            self._bridge = EnergyBridge(self.cgsystem.system, self.cgsystem.temperature, n_workers=st.n_workers,
+                                        scheduler=st.scheduler, chunk_timeout=st.chunk_timeout,
+                                        worker_wait=st.worker_wait)
+        return self._bridge
+
+    def close(self) -> None:
+        """Stop the energy bridge's worker processes and close the reporters."""
+        if self._bridge is not None:
+            self._bridge.close()
+            self._bridge = None
+        for reporter in self.reporters:
+            reporter.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _trainer(self) -> Trainer:
+        if self.trainer is None:
+            st = self.settings
+            self.trainer = Trainer(
+                self.flow, self.cgsystem, self.bridge, lr=st.lr, warmup_steps=st.warmup_steps,
+                drop_worst=st.drop_worst, forward_weight=st.forward_weight, samples_per_point=st.samples_per_point,
+                points_per_batch=st.points_per_batch, seed=st.seed, progress=self.progress,
+            )
+            if self._optimizer_state is not None:
+                self.trainer.optimizer.load_state_dict(self._optimizer_state)
+                self.trainer.step_count = self._step_count
+                self._optimizer_state = None
+        return self.trainer
+
+    # ------------------------------------------------------------------ the loop
+    def initial_points(self) -> np.ndarray:
+        """The first iteration's CG points: a ball around the start (the reference structure's s)."""
+        st = self.settings
+        start = np.asarray(st.start if st.start is not None else self.cgsystem.cg_of(self.cgsystem.positions)[0])
+        rng = np.random.default_rng([st.seed, 0, 1])
+        pts = neighbourhood(start[None], st.initial_points - 1, st.initial_radius, self.periodic, rng, st.domain)
+        return np.concatenate([clip_to_domain(wrap_periodic(start[None], self.periodic), self.periodic, st.domain), pts])
+
+    def run(self) -> str:
+        """Iterate until the stop rule or a budget ends the run; returns the path of ``pmf.pt``."""
+        st = self.settings
+        if self.pending is None and self.iteration == 0:
+            self.pending = self.initial_points()
+        bar = tqdm(total=st.max_iterations, initial=self.iteration, desc="active learning", disable=not self.progress)
+        try:
+            while not self.converged:
+                if self.iteration >= st.max_iterations:
+                    self.stop_reason = f"iteration budget ({st.max_iterations}) reached"
+                    break
+                if st.max_evaluations is not None and self.evaluations >= st.max_evaluations:
+                    self.stop_reason = f"energy-evaluation budget ({st.max_evaluations}) reached"
+                    break
+                try:
+                    record = self.step(explore=True)
+                except BridgeError as exc:
+                    done = (f"the checkpoint of iteration {self.iteration - 1} in {self.out_dir} is intact"
+                            if self.iteration else "no iteration had finished")
+                    raise BridgeError(f"energy evaluation failed in iteration {self.iteration}: {exc}; {done}: "
+                                      "run the same command again to resume") from exc
+                bar.update(1)
+                bar.set_postfix(evals=record["energy_evaluations"], spread=f"{record['max_spread_kT']:.2f}",
+                                points=record["cg_points"])
+        finally:
+            bar.close()
+            self.close()
+        if self.converged:
+            self.stop_reason = "no CG point above the spread threshold within the walkers' budget"
+        self.log(f"stopped: {self.stop_reason}; pmf: {self.pmf_path}")
+        return self.pmf_path
+
+    def refine(self, s_points, max_centres: int | None = None, explore: bool = False) -> str:
+        """Refine the PMF at CG points [N, d] that a user's own simulation visited.
+
+        Points where the current ensemble's spread exceeds the threshold (all points if no pmf.pt yet) are
+        reduced to at most ``max_centres`` diverse centres (default ``new_centres``), broadened, trained
+        and labelled; the ensemble is refitted and ``pmf.pt`` re-exported. Returns the path of ``pmf.pt``.
+        """
+        st = self.settings
+        s_points = wrap_periodic(np.atleast_2d(np.asarray(s_points, dtype=np.float64)), self.periodic)
+        if s_points.shape[1] != self.cgsystem.n_cg:
+            raise ValueError(f"s_points has {s_points.shape[1]} columns but the system has {self.cgsystem.n_cg} CG coordinates")
+        if self.ensemble is not None or self._has_pmf():
+            _, spread = self.mean_and_spread(s_points)
+            s_points = s_points[spread > st.threshold_kT]
+        if len(s_points) == 0:
+            self.log("refine: the ensemble is already certain (spread <= threshold) at all given points")
+            return self.pmf_path
+        rng = np.random.default_rng([st.seed, self.iteration, 2])
+        idx = farthest_points(s_points, max_centres or st.new_centres, self.periodic, rng, existing=self.points)
+        self.pending = neighbourhood(s_points[idx], st.points_per_centre, st.radius, self.periodic, rng, st.domain)
+        self.converged = False
+        try:
+            self.step(explore=explore)
+        finally:
+            self.close()
+        return self.pmf_path
+
+    def step(self, explore: bool = True) -> dict:
+        """One iteration at the pending points; returns its record (also in iterations.jsonl)."""
+        st = self.settings
+        t0 = time.perf_counter()
+        k = self.iteration
+        new = np.asarray(self.pending, dtype=np.float64)
+        rng = np.random.default_rng([st.seed, k, 0])
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([st.seed, k, 3]).integers(2**62)))
+        evals0 = self.bridge.n_evaluations
+
+        replay_idx = self._train(new, rng, gen)
+        record = self._label(new, replay_idx, gen)
+        self.ensemble = self._fit(rng)
+        self._export(k)
+        if explore:
+            record.update(self._explore(rng))
+        else:
+            _, spread = self.mean_and_spread(self.label_s)
+            record.update(max_spread_kT=float(spread.max()), mean_spread_kT=float(spread.mean()), uncertain_found=0)
+            self.pending = None
+        self.evaluations += self.bridge.n_evaluations - evals0
+        self.wall_s += time.perf_counter() - t0
+        record["energy_evaluations"] = int(self.evaluations)
+        record["wall_s"] = round(self.wall_s, 3)
+        record["converged"] = bool(self.converged)
+        if self._reference_data is not None:
+            record["kld"] = float(metrics.kld_from_pmf(lambda p: self.mean_and_spread(p)[0], self._reference_data))
+        self.history.append(record)
+        self.iteration = k + 1
+        self.run_directory.save_checkpoint(self._state())
+        for reporter in self.reporters:
+            reporter.report(self, record)
+        return record
+
+    # ------------------------------------------------------------------ the phases of a step
+    def _train(self, new: np.ndarray, rng: np.random.Generator, gen: torch.Generator) -> np.ndarray:
+        """Train the flow by energy at the new points plus replayed earlier ones; returns the replayed indices."""
+        st = self.settings
+        replay_idx = np.zeros(0, dtype=int)
+        if len(self.label_s):
+            # Replay earlier labelled points, preferring those whose label had a low ESS: training there
+            # again and relabelling (below) repairs the labels of the first, least trained iterations.
+            n_replay = min(int(round(st.replay_fraction * len(new))), len(self.label_s))
+            p = 1.05 - np.clip(self.labels["ess"], 0.0, 1.0)
+            replay_idx = rng.choice(len(self.label_s), size=n_replay, replace=False, p=p / p.sum())
+            train_pts = np.concatenate([new, self.label_s[replay_idx]])
+        else:
+            train_pts = new
+        epochs = st.first_epochs if self.iteration == 0 else st.epochs
+        self._trainer().train_by_energy(train_pts, epochs, lr_final=st.lr_final, lr=st.lr, generator=gen,
+                                        energy=self.bridge)
+        _check_finite_parameters(self.flow)
+        return replay_idx
+
+    def _label(self, new: np.ndarray, replay_idx: np.ndarray, gen: torch.Generator) -> dict:
+        """Labels at the new points (appended) and at the replayed ones (kept if their ESS is higher);
+        returns the first part of the iteration record."""
+        st = self.settings
+        k = self.iteration
+        labels = free_energy(self.flow, self.cgsystem, self.bridge, new, st.label_samples, generator=gen)
+        n_relabelled = 0
+        if len(replay_idx):
+            again = free_energy(self.flow, self.cgsystem, self.bridge, self.label_s[replay_idx], st.label_samples,
+                                generator=gen)
+            better = np.isfinite(again.A) & np.isfinite(again.stderr) & (again.ess_fraction > self.labels["ess"][replay_idx])
+            for key, val in (("A", again.A), ("stderr", again.stderr), ("ess", again.ess_fraction)):
+                self.labels[key][replay_idx[better]] = val[better]
+            self.labels["iteration"][replay_idx[better]] = k
+            n_relabelled = int(better.sum())
+        good = np.isfinite(labels.A) & np.isfinite(labels.stderr)
+        self.points = np.concatenate([self.points, new])
+        self.label_s = np.concatenate([self.label_s, labels.s[good]])
+        for key, val in (("A", labels.A[good]), ("stderr", labels.stderr[good]), ("ess", labels.ess_fraction[good]),
+                         ("iteration", np.full(int(good.sum()), k))):
+            self.labels[key] = np.concatenate([self.labels[key], val])
+        if len(self.label_s) < 2:
+            raise RuntimeError("fewer than two usable free-energy labels: the flow produced no finite samples")
+        n_wrong = int(labels.n_wrong_chirality.sum())
+        return {"iteration": k, "cg_points": int(len(self.points)), "labels": int(len(self.label_s)),
+                "new_points": int(len(new)), "dropped_labels": int((~good).sum()), "relabelled": n_relabelled,
+                "mean_ess": float(np.mean(labels.ess_fraction)),
+                "min_ess": float(np.min(labels.ess_fraction)),
+                "mean_ess_all_labels": float(np.mean(self.labels["ess"])),
+                "wrong_chirality_fraction": n_wrong / float(labels.n_samples * len(new))}
+
+    def _fit(self, rng: np.random.Generator) -> PMFEnsemble:
+        """The PMF ensemble fitted to all labels so far."""
+        return fit_ensemble(self.label_s, self.labels["A"], self.labels["stderr"], self.periodic,
+                            n_models=self.settings.n_models, seed=int(rng.integers(2**31)))
+
+    def _export(self, k: int) -> None:
+        """pmf.pt (the ensemble), flow.pt (the flow with its system) and the snapshot pmfs/pmf_NNN.pt."""
+        export_pmf(self.ensemble, self.pmf_path, self.cgsystem.cgspace, ranges=self._ranges(), iteration=k)
+        self.run_directory.save_flow(self.flow, self.cgsystem, iteration=k)
+        self.run_directory.snapshot_pmf(k)
+
+    def _ranges(self):
+        """(lo, hi) per CG coordinate for pmf.pt: [-pi, pi] if periodic, else the settings' domain (or, with
+        no domain, the labels' mean +- 3 std: the export's default)."""
+        if self.settings.domain is None:
+            return None
+        domain = iter(self.settings.domain)
+        return [(-np.pi, np.pi) if per else tuple(next(domain)) for per in self.periodic]
+
+    def _explore(self, rng: np.random.Generator) -> dict:
+        """CG walkers from the newest points; sets the next pending points (or converged); returns the
+        record's exploration fields."""
+        st = self.settings
+        newest = self.points[-len(self.pending):] if self.pending is not None else self.points
+        found, stats = find_uncertain(self.pmf_path, newest, st, self.cgsystem.temperature, self.periodic, rng)
+        if len(found) == 0:
+            self.converged = True
+            self.pending = None
+        else:
+            idx = farthest_points(found, st.new_centres, self.periodic, rng, existing=self.points)
+            stats["new_centres"] = found[idx].tolist()
+            self.pending = neighbourhood(found[idx], st.points_per_centre, st.radius, self.periodic, rng, st.domain)
+        return stats
+
+    # ------------------------------------------------------------------ the ensemble
+    def _has_pmf(self) -> bool:
+        return os.path.exists(self.pmf_path)
+
+    def mean_and_spread(self, s: np.ndarray):
+        """Mean and spread (kT) [N] of the current ensemble at s [N, d] (the fitted one in memory, or pmf.pt
+        after a resume)."""
+        s = np.asarray(s, dtype=np.float64)
+        if self.ensemble is None:
+            from openmm_cgflow_plugin import load_pmf
+
+            mean, spread = load_pmf(self.pmf_path).mean_and_spread(s)
+            return np.asarray(mean), np.asarray(spread)
+        with torch.no_grad():
+            mean, spread = self.ensemble.mean_and_spread(torch.as_tensor(s))
+        return mean.numpy(), spread.numpy()
+
+    # ------------------------------------------------------------------ checkpoint
+    def _state(self) -> dict:
+        trainer = self.trainer
+        return {
+            "system": system_to_dict(self.cgsystem),
+            "settings": dataclasses.asdict(self.settings),
+            "reference": self.reference if isinstance(self.reference, str) else None,
+            "iteration": self.iteration,
+            "points": self.points,
+            "label_s": self.label_s,
+            "labels": self.labels,
+            "pending": self.pending,
+            "evaluations": self.evaluations,
+            "wall_s": self.wall_s,
+            "history": self.history,
+            "converged": self.converged,
+            "flow_state": {k: v.detach().clone() for k, v in self.flow.state_dict().items()},
+            "optimizer_state": None if trainer is None else trainer.optimizer.state_dict(),
+            "step_count": 0 if trainer is None else trainer.step_count,
+        }
+
+    def _restore(self, ck: dict) -> None:
+        mine = dataclasses.asdict(self.settings)
+        theirs = ck["settings"]
+        differ = [k for k in mine if k in theirs and _differs(mine[k], theirs[k])
+                  and k not in LearnerSettings.RESOURCE_FIELDS]
+        if differ:
+            raise ValueError(
+                f"{self.out_dir} holds a run with different settings ({', '.join(differ)}); resume it with the same "
+                "settings or choose another output directory")
+        if _system_key(ck["system"]) != _system_key(system_to_dict(self.cgsystem)):
+            raise ValueError(f"{self.out_dir} holds a run of another system")
+        self.iteration = ck["iteration"]
+        self.points = ck["points"]
+        self.label_s = ck["label_s"]
+        self.labels = ck["labels"]
+        self.pending = ck["pending"]
+        self.evaluations = ck["evaluations"]
+        self.wall_s = ck["wall_s"]
+        self.history = ck["history"]
+        self.converged = ck["converged"]
+        self.flow.load_state_dict(ck["flow_state"])
+        self._optimizer_state = ck["optimizer_state"]
+        self._step_count = ck["step_count"]
+        self.log(f"resuming {self.out_dir} after iteration {self.iteration - 1} "
+                 f"({self.evaluations} energy evaluations so far)")
+
+
+def _system_key(d: dict):
+    return d.get("name", d.get("builtin"))
+
+
+def _differs(a, b) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str)
+
+
+def _check_finite_parameters(flow) -> None:
+    for name, p in flow.named_parameters():
+        if not torch.isfinite(p).all():
+            raise FloatingPointError(f"flow parameter {name} became non-finite during training; "
+                                     "lower the learning rate (the last checkpoint is intact)")
