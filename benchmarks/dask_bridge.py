@@ -51,17 +51,7 @@ import openmm.unit as unit  # noqa: E402
 
 import openmm_cgflow  # noqa: E402
 from openmm_cgflow import EnergyBridge, builtin  # noqa: E402
-
-
-def _rate(fn, n_per_call: int, seconds: float) -> float:
-    """Evaluations/s of fn() (n_per_call evaluations per call), timed for at least ``seconds``."""
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += n_per_call
-        dt = time.perf_counter() - t0
-        if dt >= seconds:
-            return n / dt
+from energy_bridge import _rate  # noqa: E402  (the sibling benchmark's timer)
 
 
 def _median_time(fn, repeats: int) -> float:

@@ -37,7 +37,7 @@ import openmm.unit as unit  # noqa: E402
 import torch  # noqa: E402
 
 from openmm_cgflow.bridge import EnergyBridge  # noqa: E402
-from openmm_cgflow.systems import alanine_dipeptide  # noqa: E402
+from openmm_cgflow.alanine_dipeptide import alanine_dipeptide  # noqa: E402
 
 _KJ = unit.kilojoule_per_mole
 _FORCE = unit.kilojoule_per_mole / unit.nanometer

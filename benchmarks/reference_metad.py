@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aldp_common as C  # noqa: E402
 
 from openmm_cgflow import metrics  # noqa: E402
+from openmm_cgflow.alanine_dipeptide import REFERENCE_FILE  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -268,7 +269,7 @@ def write_output(walkers: list[Walker], args, meta: dict, partial: bool) -> dict
     C.save_npz_atomic(args.out, walker_probabilities=np.stack(ps), bias_grids_kT=np.stack(Vs).astype(np.float32),
                       **common, **frames)
     if args.package_copy:
-        C.save_npz_atomic(os.path.join(REPO, "openmm_cgflow", "data", metrics.ALDP_REFERENCE_FILE), **common)
+        C.save_npz_atomic(os.path.join(REPO, "openmm_cgflow", "data", REFERENCE_FILE), **common)
     return meta
 
 

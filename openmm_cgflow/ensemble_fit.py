@@ -106,21 +106,6 @@ def _bootstrap_weights(n_models: int, m: int, kind: str, gen: torch.Generator) -
     return w / w.mean(dim=1, keepdim=True)
 
 
-def _bootstrap_weights(n_models: int, m: int, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """Per-model label weights [n_models, m] with mean 1 per model."""
-    if kind == "none":
-        return torch.ones(n_models, m, dtype=torch.float64)
-    if kind == "bayesian":
-        w = -torch.log(torch.rand(n_models, m, generator=gen, dtype=torch.float64).clamp_min(1e-300))
-    elif kind == "classic":
-        idx = torch.randint(0, m, (n_models, m), generator=gen)
-        w = torch.zeros(n_models, m, dtype=torch.float64)
-        w.scatter_add_(1, idx, torch.ones(n_models, m, dtype=torch.float64))
-    else:
-        raise ValueError(f"bootstrap must be 'bayesian', 'classic' or 'none', got {kind!r}")
-    return w / w.mean(dim=1, keepdim=True)
-
-
 def fit_ensemble(s, A, stderr=None, periodic: Optional[Sequence[bool]] = None,
                  settings: Optional[EnsembleFitSettings] = None, seed: int = 0, progress: bool = False,
                  **overrides) -> PMFEnsemble:

@@ -342,9 +342,16 @@ class ConditionalFlow(nn.Module):
     def sample_base(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Base samples z [n, n_fine]."""
         dev = self.cg_loc.device
-        z = torch.randn(n, self.n_fine, generator=generator, dtype=self.dtype, device=dev)
-        u = (torch.rand(n, self.n_fine, generator=generator, dtype=self.dtype, device=dev) * 2.0 - 1.0) * _PI
+        # Draw where the generator lives (a CPU generator gives the same numbers whatever the flow's device).
+        src = generator.device if generator is not None else dev
+        z = torch.randn(n, self.n_fine, generator=generator, dtype=self.dtype, device=src).to(dev)
+        u = (torch.rand(n, self.n_fine, generator=generator, dtype=self.dtype, device=src).to(dev) * 2.0 - 1.0) * _PI
         return torch.where(self.circular, u, z)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the flow's parameters."""
+        return self.cg_loc.device
 
     def _shift(self, x, i, sign):
         if not self.circular.any():
@@ -397,6 +404,29 @@ class ConditionalFlow(nn.Module):
         """log q(fine | s) [B] for fine [B, n_fine] and s [B, n_cg]."""
         z, logdet = self.inverse_transform(fine, s)
         return self.base_log_prob(z) + logdet
+
+
+def resolve_device(device=None) -> torch.device:
+    """``torch.device`` for the flow from a name ("cpu", "cuda", "cuda:1") or None (CPU).
+
+    Raises ValueError naming the problem when the device does not exist here (e.g. "cuda" without a GPU
+    or without a CUDA build of torch). Energies always run on CPU (OpenMM workers); only the flow moves.
+    """
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device name such as 'cpu' or 'cuda': {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available to torch here "
+                             f"(torch {torch.__version__}); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported: use 'cpu' or 'cuda'")
+    return dev
 
 
 def flow_for(cgsystem, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> ConditionalFlow:

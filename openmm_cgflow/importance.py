@@ -62,7 +62,8 @@ def sample_proposal(flow, s: torch.Tensor, generator=None, proposal_scale: float
         raise ValueError(f"proposal_scale must be a positive number, got {proposal_scale}")
     z = flow.sample_base(s.shape[0], generator)
     nc = ~flow.circular
-    pick = torch.rand(s.shape[0], 1, generator=generator, dtype=z.dtype, device=z.device) < a
+    src = generator.device if generator is not None else z.device
+    pick = (torch.rand(s.shape[0], 1, generator=generator, dtype=z.dtype, device=src) < a).to(z.device)
     z = torch.where(nc & pick, z * tau, z)
     fine, logdet = flow.forward_transform(z, s)
     n_nc = int(nc.sum())
@@ -130,6 +131,8 @@ def draw(flow, coordinates, energy, s: torch.Tensor, generator=None, proposal_sc
     under ``torch.no_grad()``. Proposal arguments: :func:`sample_proposal`.
     """
     coords = getattr(coordinates, "coordinates", coordinates)
+    device = next(flow.parameters()).device
+    s = s.to(device)
     fine, log_q = sample_proposal(flow, s.to(flow.dtype), generator, proposal_scale, proposal_mix)
     x, log_det = coords.to_cartesian(fine.to(torch.float64), s.to(torch.float64))
     finite_x = torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(dim=1)

@@ -173,6 +173,11 @@ class Trainer:
         self.history: list[EpochLog] = []
 
     @property
+    def device(self) -> torch.device:
+        """The device of the flow's parameters (samples are drawn with a CPU generator and moved there)."""
+        return next(self.flow.parameters()).device
+
+    @property
     def n_evaluations(self) -> int:
         """Energy evaluations so far, as counted by the energy object (0 if it has no counter)."""
         return int(getattr(self.energy, "n_evaluations", 0))
@@ -235,7 +240,7 @@ class Trainer:
             losses, n_bad, n_skip, n_wrong, n_samp = [], 0, 0, 0, 0
             for start in range(0, m, ppb):
                 idx = order[start : start + ppb]
-                s = s_points[idx].repeat_interleave(k, dim=0).to(self.flow.dtype)
+                s = s_points[idx].repeat_interleave(k, dim=0).to(device=self.device, dtype=self.flow.dtype)
                 loss, info = reverse_kl_loss(
                     self.flow, self.coordinates, self.energy, s, self.generator, self.drop_worst,
                     forward_weight=self.forward_weight, samples_per_point=k, path_gradient=self.path_gradient,
@@ -264,7 +269,7 @@ class Trainer:
         ``lr_final``: as in :meth:`train_by_energy`."""
         x = torch.as_tensor(np.asarray(x, dtype=np.float64)) if not isinstance(x, torch.Tensor) else x.to(torch.float64)
         fine, s, _ = self.coordinates.to_internal(x)
-        fine, s = fine.detach().to(self.flow.dtype), s.detach().to(self.flow.dtype)
+        fine, s = fine.detach().to(self.device, self.flow.dtype), s.detach().to(self.device, self.flow.dtype)
         n = fine.shape[0]
         logs = []
         bar = tqdm(range(epochs), desc="flow by example", disable=not self.progress, leave=False)

@@ -190,3 +190,18 @@ def test_construction_leaves_the_global_rng_alone_and_is_determined_by_the_seed(
     assert all(torch.equal(c.state_dict()[k], d.state_dict()[k]) for k in sa)
     e = ConditionalFlow(N_FINE, _circular(), 2, [True, True], n_layers=2, hidden=(16,), seed=5, init_seed=8)
     assert not torch.equal(a.layers[0].conditioner.net[0].weight, e.layers[0].conditioner.net[0].weight)
+
+
+def test_device_names_resolve_or_fail_clearly():
+    import torch
+
+    from openmm_cgflow.flow import resolve_device
+
+    assert resolve_device(None) == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="not a torch device name"):
+        resolve_device("gpu0")
+    with pytest.raises(ValueError, match="not supported"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
