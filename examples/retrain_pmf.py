@@ -1,7 +1,7 @@
 """Retrain a learned PMF where your own OpenMM simulation went, then swap it into the running Simulation.
 
     python examples/retrain_pmf.py --run runs/ala2       # a finished `cgflow run alanine-dipeptide` directory
-    python examples/retrain_pmf.py --quick               # Mueller-Brown, makes its own small run (~1 min)
+    python examples/retrain_pmf.py --quick               # Mueller-Brown, makes its own small run in runs/example-mb-retrain (~1 min)
 
 1. CG walkers (an OpenMM Simulation with the run's pmf.pt as a TorchForce) explore;
 2. the CG points they visited go to PMFLearner.refine(): where the ensemble spread is above the threshold,
@@ -17,10 +17,12 @@ import openmm_cgflow_plugin as cgplugin
 from openmm_cgflow import LearnerSettings, PMFLearner, builtin
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--run", default="runs/ala2", help="run directory of `cgflow run` (pmf.pt + checkpoint)")
+parser.add_argument("--run", help="run directory of `cgflow run` (pmf.pt + checkpoint; default runs/ala2, or "
+                                  "runs/example-mb-retrain with --quick)")
 parser.add_argument("--quick", action="store_true", help="make a small Mueller-Brown run first (for tests)")
 parser.add_argument("--steps", type=int, default=20_000, help="CG steps before and after the swap")
 args = parser.parse_args()
+args.run = args.run or ("runs/example-mb-retrain" if args.quick else "runs/ala2")
 
 if args.quick:
     # Two iterations from the upper-left basin only: the PMF is still uncertain further out.

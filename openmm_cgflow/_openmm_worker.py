@@ -1,7 +1,9 @@
 """Worker side of the energy bridge: one OpenMM Context per System, energies and forces on request.
 
 Imports only openmm and numpy (and nothing of the package: the local executor runs this file as
-``__main__``) so that worker processes start fast and never load torch.
+``__main__``) so that worker processes start fast and never load torch. Run as a script, it first removes
+the working directory and its own folder from ``sys.path`` (the executor also starts it with ``-P``): a
+worker never imports a module from the user's working directory.
 """
 
 from __future__ import annotations
@@ -10,9 +12,19 @@ import os
 import pickle
 import sys
 
-import numpy as np
-import openmm
-import openmm.unit as unit
+
+def _sanitise_path(path: list[str]) -> list[str]:
+    """``path`` without the entries that name the working directory ("" or ".", the cwd) or this file's folder."""
+    unsafe = {os.path.realpath(os.getcwd()), os.path.realpath(os.path.dirname(os.path.abspath(__file__)))}
+    return [p for p in path if p not in ("", ".") and os.path.realpath(p) not in unsafe]
+
+
+if __name__ == "__main__":
+    sys.path[:] = _sanitise_path(sys.path)
+
+import numpy as np  # noqa: E402
+import openmm  # noqa: E402
+import openmm.unit as unit  # noqa: E402
 
 try:  # the unit-free SWIG layer behind openmm.Context (see ContextEvaluator._evaluate_fast)
     from openmm import _openmm

@@ -160,7 +160,8 @@ def backmap_file(run_dir_or_model_path, cg_file, out_path, options: BackmapOptio
             consecutive, frames in input order (rows of [frames, walkers] flattened time-major).
         options / settings: a :class:`~openmm_cgflow.backmapping.BackmapOptions` and overrides of its
             fields (``n_per_frame``, ``seed``, ``keep_wrong_chirality``, ``n_workers``, ``batch_size``,
-            ``align``, ``proposal_scale``, ``proposal_mix``, ``progress``; here ``progress`` defaults to True).
+            ``align``, ``proposal_scale``, ``proposal_mix``, ``allow_outside_domain``, ``progress``; here
+            ``progress`` defaults to True).
         bridge: energy evaluation (default: an EnergyBridge with ``n_workers`` workers).
     Writes ``out_path`` and ``out_path + '.weights.npz'`` with, per written sample, ``log_weights``
     (normalised within its CG frame), ``log_weights_raw``, ``index`` (input row), ``frame`` (time index),
@@ -169,7 +170,7 @@ def backmap_file(run_dir_or_model_path, cg_file, out_path, options: BackmapOptio
     """
     t0 = time.perf_counter()
     opts = BackmapOptions.build(options if options is not None else BackmapOptions(progress=True), **settings)
-    inputs = resolve_inputs(cg_file, run_dir_or_model_path)
+    inputs = resolve_inputs(cg_file, run_dir_or_model_path, allow_outside_domain=opts.allow_outside_domain)
     cgsystem, frames = inputs.cgsystem, inputs.frames
     out_path = os.fspath(out_path)
     top = md_topology(cgsystem)

@@ -49,11 +49,13 @@ import torch
 from openmm_cgflow_plugin.statistics import kish_ess
 
 from .alignment import alignment_atoms, centred_reference, superpose
-from .cg_input import CGFrames, cg_frames, md_topology
+from .cg_input import CGFrames, OutsideDomainError, cg_frames, check_cg_values, md_topology
+from .flow import resolve_device
 from .importance import draw, log_normalise, weighted_estimate, weighted_histogram
+from .threads import run_threads, torch_threads
 
 __all__ = ["BackmapChunk", "BackmapInputs", "BackmapOptions", "BackmapResult", "backmap", "iter_backmap",
-           "iter_chunks", "resolve_inputs"]
+           "iter_chunks", "resolve_inputs", "training_domain"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,12 @@ class BackmapOptions:
         True/'heavy' (heavy atoms), 'all', atom indices, or None/False (seed frame of the internal
         coordinates); see :func:`openmm_cgflow.alignment.alignment_atoms`.
     progress: tqdm progress bar over CG frames.
+    device: where the flow samples ("cpu", "cuda"; None: where the flow is). The flow is moved there for the
+        run and back afterwards; energies stay on the CPU workers.
+    allow_outside_domain: backmap frames whose non-periodic CG coordinates lie outside the domain the flow was
+        trained on (the run's ``pmf.pt`` ``cg_ranges``, or the registered system's ``domain`` setting); by
+        default such frames are refused (:class:`~openmm_cgflow.cg_input.OutsideDomainError`): the flow has never
+        seen them and their samples and weights are meaningless (Mueller-Brown s = 50 nm gives x = 27.5 nm).
     """
 
     n_per_frame: int = 1
@@ -84,6 +92,8 @@ class BackmapOptions:
     n_workers: int | None = None
     align: object = True
     progress: bool = False
+    allow_outside_domain: bool = False
+    device: str | None = None
 
     def __post_init__(self):
         if int(self.n_per_frame) < 1:
@@ -130,15 +140,53 @@ def _resolve_model(model, cgsystem=None):
                     "path or a (flow, cgsystem) pair instead of the flow")
 
 
-def resolve_inputs(cg, model, cgsystem=None) -> BackmapInputs:
+def training_domain(cgsystem, model_path: str | None = None):
+    """(lo, hi) per non-periodic CG coordinate that the flow of ``cgsystem`` was trained on, or None if unknown:
+    the ``cg_ranges`` of the ``pmf.pt`` beside ``model_path`` (a run directory or its flow.pt), else the
+    ``domain`` setting of the system's registry entry."""
+    free = [k for k, per in enumerate(cgsystem.cg_periodic) if not per]
+    if not free:
+        return None
+    if model_path is not None:
+        folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
+        pmf_path = os.path.join(folder, "pmf.pt")
+        if os.path.isfile(pmf_path):
+            from openmm_cgflow_plugin import load_pmf
+
+            try:
+                ranges = load_pmf(pmf_path).cg_ranges
+            except (ValueError, RuntimeError, OSError):
+                ranges = None
+            if ranges is not None and len(ranges) == cgsystem.n_cg:
+                return [tuple(ranges[k]) for k in free]
+    from .registry import entry_for
+
+    item = entry_for(cgsystem)
+    domain = item.settings.get("domain") if item is not None else None
+    return [tuple(r) for r in domain] if domain is not None else None
+
+
+def resolve_inputs(cg, model, cgsystem=None, allow_outside_domain: bool = False) -> BackmapInputs:
     """Resolve a model (a flow with ``cgsystem``, a run directory / ``flow.pt`` path, or a (flow, cgsystem)
-    pair) and CG frames (see :func:`openmm_cgflow.cg_input.cg_frames`) once, and check that they fit."""
+    pair) and CG frames (see :func:`openmm_cgflow.cg_input.cg_frames`) once, and check that they fit: the CG
+    dimension, periodic values in radians, and non-periodic values inside the domain the flow was trained on
+    (:func:`training_domain`; refused unless ``allow_outside_domain``)."""
     if isinstance(model, BackmapInputs):
         return model
     flow, cgsystem, path = _resolve_model(model, cgsystem)
     frames = cg_frames(cg, cgsystem)
     if len(frames) == 0:
         raise ValueError("no CG frames to backmap (the input is empty)")
+    if not allow_outside_domain:
+        domain = training_domain(cgsystem, path)
+        if domain is not None:
+            try:
+                check_cg_values(frames.s, cgsystem.cg_periodic, domain=domain, names=cgsystem.cg_names,
+                                what="CG frames to backmap")
+            except OutsideDomainError as exc:
+                raise OutsideDomainError(f"{exc}, on which the flow was trained: its samples there are meaningless. "
+                                         "Pass frames inside the domain, or allow_outside_domain=True "
+                                         "(cgflow backmap --allow-outside-domain) if you mean it") from None
     coords = cgsystem.coordinates
     if flow.n_fine != coords.n_fine or flow.n_cg != cgsystem.n_cg:
         raise ValueError(
@@ -208,9 +256,13 @@ def iter_chunks(inputs: BackmapInputs, opts: BackmapOptions, bridge=None,
 
         bridge = EnergyBridge(cgsystem.system, cgsystem.temperature, n_workers=opts.n_workers)
     was_training = flow.training
+    home = next(flow.parameters()).device
+    if opts.device is not None:
+        flow.to(resolve_device(opts.device))
     flow.eval()
     batch_size = max(1, int(opts.batch_size))
     per_chunk = max(1, batch_size // n)
+    threads = run_threads(None)  # 1 intra-op thread unless OMP_NUM_THREADS is set; restored after each chunk
     bar = tqdm(total=len(frames), unit="frame", desc="backmap", disable=not opts.progress, leave=False)
     try:
         for f0 in range(0, len(frames), per_chunk):
@@ -218,8 +270,9 @@ def iter_chunks(inputs: BackmapInputs, opts: BackmapOptions, bridge=None,
             nf = f1 - f0
             s64 = torch.as_tensor(frames.s[f0:f1]).repeat_interleave(n, dim=0)
             # flow passes of at most batch_size samples (n_per_frame > batch_size: one frame in pieces)
-            parts = [_draw(flow, coords, bridge, s64[i : i + batch_size], generator, opts)
-                     for i in range(0, len(s64), batch_size)]
+            with torch_threads(threads):  # torch next to the energy workers: no oversubscribed cores
+                parts = [_draw(flow, coords, bridge, s64[i : i + batch_size], generator, opts)
+                         for i in range(0, len(s64), batch_size)]
             x, lw, nonfinite, wrong = (torch.cat([p[k] for p in parts]).cpu().numpy() for k in range(4))
             del parts, s64
             usable = ~nonfinite & ~wrong
@@ -249,6 +302,7 @@ def iter_chunks(inputs: BackmapInputs, opts: BackmapOptions, bridge=None,
         bar.close()
         if was_training:
             flow.train()
+        flow.to(home)
         if own_bridge:
             bridge.close()
 
@@ -261,7 +315,7 @@ def iter_backmap(cg, flow, cgsystem=None, options: BackmapOptions | None = None,
     :class:`~openmm_cgflow.bridge.EnergyBridge` with ``n_workers`` workers when ``bridge`` is None.
     """
     opts = BackmapOptions.build(options, **settings)
-    inputs = resolve_inputs(cg, flow, cgsystem)
+    inputs = resolve_inputs(cg, flow, cgsystem, opts.allow_outside_domain)
     return iter_chunks(inputs, opts, bridge, generator)
 
 
@@ -341,7 +395,7 @@ def backmap(cg, flow, cgsystem=None, options: BackmapOptions | None = None, *, b
     import mdtraj as md
 
     opts = BackmapOptions.build(options, **settings)
-    inputs = resolve_inputs(cg, flow, cgsystem)
+    inputs = resolve_inputs(cg, flow, cgsystem, opts.allow_outside_domain)
     cgsystem, frames = inputs.cgsystem, inputs.frames
     parts = list(iter_chunks(inputs, opts, bridge, generator))
     top = md_topology(cgsystem)

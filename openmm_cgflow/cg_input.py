@@ -16,10 +16,57 @@ import torch
 from openmm_cgflow_plugin.cgspace import wrap_periodic
 from openmm_cgflow_plugin.reporter import read_cg_npz
 
-__all__ = ["ARRAY_FORMATS", "CGFrames", "cg_frames", "load_cg", "md_topology"]
+__all__ = ["ARRAY_FORMATS", "CGFrames", "cg_frames", "load_cg", "md_topology", "check_cg_values", "OutsideDomainError"]
 
 #: Extensions read as arrays of CG coordinates by :func:`load_cg` (anything else goes to mdtraj).
 ARRAY_FORMATS = (".npz", ".npy", ".txt", ".dat", ".csv")
+#: Periodic CG values with |s| above 2 pi + this (radians) are taken for degrees (radians in [0, 2 pi) are
+#: accepted and wrapped; degrees of any real dihedral trajectory exceed 2 pi somewhere).
+DEGREES_TOLERANCE = 1e-3
+
+
+class OutsideDomainError(ValueError):
+    """CG values outside the domain a PMF / flow was trained on (non-periodic coordinates)."""
+
+
+def check_cg_values(s, periodic, domain=None, names=None, what: str = "CG coordinates") -> None:
+    """Refuse CG values that would be silently wrong: degrees given for periodic (radian) coordinates, and
+    values of non-periodic coordinates outside ``domain``.
+
+    Args:
+        s: [F, d] CG values (radians for periodic coordinates, nm otherwise).
+        periodic: [d] bools.
+        domain: None, or one (lo, hi) pair per *non-periodic* coordinate, in order (as
+            ``LearnerSettings.domain``), or one pair per coordinate (entries of periodic ones are ignored).
+        names: optional [d] coordinate names for the messages.
+    Raises ValueError naming the coordinate, the offending value and the fix (``np.radians``), or
+    :class:`OutsideDomainError` for values outside the domain.
+    """
+    s = np.asarray(s, dtype=np.float64).reshape(-1, len(periodic))
+    names = list(names) if names is not None else [f"coordinate {k}" for k in range(len(periodic))]
+    for k, per in enumerate(periodic):
+        if per and len(s):
+            big = np.abs(s[:, k])
+            if big.max() > 2 * np.pi + DEGREES_TOLERANCE:
+                row = int(np.argmax(big))
+                raise ValueError(
+                    f"{what}: {names[k]} reaches {s[row, k]:.4g} (row {row}), beyond 2 pi: it looks like degrees, "
+                    "but periodic CG coordinates are in radians; convert with np.radians(...)")
+    if domain is None or not len(s):
+        return
+    pairs = list(domain)
+    free = [k for k, per in enumerate(periodic) if not per]
+    if len(pairs) == len(periodic) and len(pairs) != len(free):
+        pairs = [pairs[k] for k in free]
+    for k, (lo, hi) in zip(free, pairs):
+        lo, hi = float(lo), float(hi)
+        tol = 1e-9 * max(1.0, abs(lo), abs(hi))
+        out = (s[:, k] < lo - tol) | (s[:, k] > hi + tol)
+        if out.any():
+            row = int(np.argmax(out))
+            raise OutsideDomainError(
+                f"{what}: {names[k]} = {s[row, k]:.6g} (row {row}; {int(out.sum())} value(s) in all) lies outside "
+                f"the domain [{lo:g}, {hi:g}] of this CG coordinate")
 
 
 @dataclass
@@ -61,7 +108,8 @@ def cg_frames(cg, cgsystem, time_ps=None) -> CGFrames:
     """CG frames from an array of s ([F, n_cg], [F, walkers, n_cg], or [F] when n_cg = 1), an
     ``mdtraj.Trajectory`` of the whole molecule (its s is computed), a :class:`CGFrames`, or a file path
     (see :func:`load_cg`). ``time_ps`` [F]: optional time of each input frame (ps). Raises ValueError for
-    wrong shapes or non-finite values."""
+    wrong shapes, non-finite values and periodic values that look like degrees (|s| > 2 pi; see
+    :func:`check_cg_values`); values in [0, 2 pi) are taken as radians and wrapped."""
     if isinstance(cg, CGFrames):
         return cg
     if isinstance(cg, (str, os.PathLike)):
@@ -98,6 +146,7 @@ def cg_frames(cg, cgsystem, time_ps=None) -> CGFrames:
     bad = ~np.isfinite(s).all(axis=1)
     if bad.any():
         raise ValueError(f"CG coordinates contain NaN or inf in {int(bad.sum())} frame(s), e.g. row {int(np.argmax(bad))}")
+    check_cg_values(s, cgsystem.cg_periodic, names=cgsystem.cg_names)  # degrees given for radians
     frame = np.repeat(np.arange(n_t), n_w)
     walker = np.tile(np.arange(n_w), n_t)
     t = None

@@ -88,10 +88,18 @@ class ChunkExecutor(Protocol):
     def close(self) -> None: ...
 
 
-#: The worker runs its file as ``__main__``, not ``-m openmm_cgflow._openmm_worker``: that would import the
-#: package (and with it torch) first, ~1.5 s of start-up per worker for nothing.
+#: The worker runs its file by absolute path as ``__main__``, not ``-m openmm_cgflow._openmm_worker``: that
+#: would import the package (and with it torch) first, ~1.5 s of start-up per worker for nothing. ``-P``
+#: (Python >= 3.11) keeps the working directory and the script's folder off ``sys.path``, so a folder
+#: named like a module in the user's working directory (``openmm/``, ``numpy/``, ``openmm_cgflow/``) is
+#: never imported by a worker; the worker also drops such entries itself (older Pythons, PYTHONPATH=.).
 _WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_openmm_worker.py")
-_WORKER_MAIN = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
+
+
+def worker_command() -> list[str]:
+    """The command line of a local energy worker process."""
+    flags = ["-P"] if sys.version_info >= (3, 11) else []
+    return [sys.executable, *flags, _WORKER_FILE]
 
 
 class _PipeFuture:
@@ -128,8 +136,9 @@ class _Worker:
 class LocalProcessExecutor:
     """Worker processes on this machine, one OpenMM Context per System in each, fed over pipes.
 
-    Plain subprocesses running ``openmm_cgflow/_openmm_worker.py`` (not multiprocessing): they work from
-    any user script, no ``__main__`` guard needed, and import only openmm and numpy (not the package). The OpenMM Python API holds
+    Plain subprocesses running ``openmm_cgflow/_openmm_worker.py`` by absolute path (not multiprocessing):
+    they work from any user script, no ``__main__`` guard needed, import only openmm and numpy (not the
+    package), and nothing from the working directory (:func:`worker_command`). The OpenMM Python API holds
     the GIL, so processes, not threads, give parallel evaluations.
 
     Args:
@@ -152,7 +161,7 @@ class LocalProcessExecutor:
         self.n_retries = 0
         for _ in range(n_workers):
             proc = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_MAIN, _WORKER_FILE],
+                worker_command(),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env={**os.environ, "OMP_NUM_THREADS": "1"},

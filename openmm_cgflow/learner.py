@@ -7,17 +7,26 @@ One iteration (Schopmans & Friederich, ICML 2024), :meth:`PMFLearner.step`, in n
 2. *label*: free-energy labels A(s) (kT) at the pending points by importance sampling of the flow; the
    replayed points are relabelled and keep whichever label has the higher effective sample size;
 3. *fit*: the PMF ensemble to all labels so far;
-4. *export*: ``pmf.pt`` (TorchScript), ``flow.pt`` and the iteration's snapshot ``pmfs/pmf_NNN.pt``;
+4. *export*: after checking that the labels, the ensemble (at the labels, the CG points and a grid over
+   the ranges) and the flow are finite (else FloatingPointError naming the cause, nothing written), the
+   iteration's snapshot ``pmfs/pmf_NNN.pt`` (TorchScript);
 5. *explore*: CG walkers in OpenMM on the exported PMF from the newest points until they reach points where
    the ensemble spread exceeds the threshold (default 0.2 kT); diverse new centres among those points
    (farthest-point sampling with periodic distance), each broadened into a neighbourhood, are the pending
    points of the next iteration.
 
+The iteration then commits as one set (``checkpoint.pt`` first, naming the hashes of its ``pmf.pt``,
+``flow.pt`` and ``iterations.jsonl``, then those files; see :class:`~openmm_cgflow.run_directory.RunDirectory`)
+and is reported to the reporters (:mod:`openmm_cgflow.reporting`).
+
 The run stops by itself when the walkers find no point above the threshold within their CG-step budget
-(no ground truth needed), or on the iteration / energy-evaluation budgets. Every iteration is checkpointed
-in the run directory (:class:`~openmm_cgflow.run_directory.RunDirectory`) and then reported to the
-reporters (:mod:`openmm_cgflow.reporting`); running again with the same directory resumes after the last
-finished iteration, and the same seed gives the same result whether or not the run was interrupted.
+(no ground truth needed), or on the iteration / energy-evaluation budgets. Running again with the same
+directory resumes after the last committed iteration (a crash inside one is repaired first), and the same
+seed gives the same result whether or not the run was interrupted. A learner holds the run directory's
+lock from its creation until :meth:`PMFLearner.close` (``run`` and ``refine`` close it when they end and
+take it again when called again); a second learner on a locked directory is refused. While it runs, torch
+uses the thread count of :func:`openmm_cgflow.threads.run_threads` (one thread unless ``torch_threads``
+or ``OMP_NUM_THREADS`` says otherwise), restored afterwards.
 
 Units: CG coordinates in radians (dihedrals) or nm (others), free energies and spreads in kT.
 """
@@ -37,18 +46,27 @@ from tqdm.auto import tqdm
 from . import metrics
 from .bridge import EnergyBridge
 from .executors import BridgeError
-from .ensemble import PMFEnsemble, export_pmf
+from .ensemble import PMFEnsemble, default_ranges, export_pmf
 from .ensemble_fit import fit_ensemble
 from .exploration import clip_to_domain, farthest_points, find_uncertain, neighbourhood
-from .flow import flow_for
+from .flow import flow_for, resolve_device
 from .free_energy import free_energy
-from .model_io import system_from_dict, system_to_dict
-from .reporting import ConsoleReporter, JsonlReporter, PlotReporter
+from .model_io import model_bytes, system_from_dict, system_to_dict
+from .reporting import ConsoleReporter, PlotReporter
 from .run_directory import RunDirectory
+from .safe_files import to_numpy
 from .settings import DTYPES, LearnerSettings
+from .threads import run_threads, torch_threads
 from .training import Trainer
 
-__all__ = ["PMFLearner"]
+__all__ = ["PMFLearner", "LABEL_LIMIT_KT"]
+
+#: Largest |free-energy label| (kT) the ensemble is fitted to; larger ones mean the energies overflowed.
+LABEL_LIMIT_KT = 1e6
+
+#: Keys a checkpoint must hold to be resumed.
+CHECKPOINT_KEYS = ("system", "settings", "iteration", "points", "label_s", "labels", "pending", "evaluations",
+                   "wall_s", "history", "converged", "flow_state", "optimizer_state", "step_count")
 
 
 class PMFLearner:
@@ -62,35 +80,60 @@ class PMFLearner:
 
     Args:
         cgsystem: the molecule (:class:`~openmm_cgflow.systems.CGSystem`).
-        out_dir: run directory (created; must be writable).
+        out_dir: run directory (created; must be writable). It must be empty, this run's (``run.json`` of the
+            same system; resumed from its checkpoint with the same settings), or hold a checkpoint to resume;
+            else :class:`~openmm_cgflow.run_directory.RunDirectoryError` says what it holds.
         settings: :class:`~openmm_cgflow.settings.LearnerSettings` (default: ``LearnerSettings.for_system``).
         reference: optional reference for the forward-KLD log (anything
             :func:`openmm_cgflow.metrics.as_reference` takes, e.g. a registered system name).
         progress: progress bars and console lines (the :class:`~openmm_cgflow.reporting.ConsoleReporter`).
         plots: PNG plots per iteration under ``out_dir/plots`` (the :class:`~openmm_cgflow.reporting.PlotReporter`).
         reporters: further reporters, called after the default ones with every iteration record.
+        overwrite: delete the run files an ``out_dir`` holds (see
+            :meth:`~openmm_cgflow.run_directory.RunDirectory.claim`; other files stay) and start afresh.
     """
 
     def __init__(self, cgsystem, out_dir, settings: LearnerSettings | None = None, reference=None,
-                 progress: bool = True, plots: bool = True, reporters=None):
+                 progress: bool = True, plots: bool = True, reporters=None, overwrite: bool = False):
         self.cgsystem = cgsystem
         self.settings = settings or LearnerSettings.for_system(cgsystem)
-        self.settings.validate(cgsystem.n_cg)
+        self.settings.validate(cgsystem)  # every input checked before any work
+        self.reference = reference
+        self._reference_data = (None if reference is None else
+                                metrics.check_reference(reference, cgsystem.cg_periodic, cgsystem.cg_names))
         self.run_directory = RunDirectory(out_dir)
         self.out_dir = self.run_directory.path
-        self.reference = reference
-        self._reference_data = None if reference is None else metrics.as_reference(reference)
+        system_name = str(_system_key(system_to_dict(cgsystem)))
+        self.run_directory.claim(system_name, overwrite=overwrite)  # the lock, held until close()
+        try:
+            self._setup(cgsystem, progress, plots, reporters)
+            ck = (self.run_directory.load_checkpoint(require=CHECKPOINT_KEYS)
+                  if self.run_directory.has_checkpoint() else None)
+            if ck is not None:
+                self._restore(ck)
+            repaired = self.run_directory.reconcile(ck, self._write_flow)
+            if repaired:
+                self.log(f"{self.out_dir}: repaired after an interrupted iteration: {', '.join(repaired)}")
+            self.run_directory.mark(system_name)
+        except BaseException:
+            self.run_directory.release()
+            raise
+
+    def _setup(self, cgsystem, progress, plots, reporters) -> None:
         self.progress = progress
         self.plots = plots
         self.periodic = list(cgsystem.cg_periodic)
         self.log = print if progress else (lambda *a, **k: None)
-        self.reporters = ([PlotReporter(self.run_directory)] if plots else []) + [JsonlReporter(self.run_directory)]
+        # iterations.jsonl is written by the run directory's commit (the JsonlReporter is for other places)
+        self.reporters = [PlotReporter(self.run_directory)] if plots else []
         if progress:
             self.reporters.append(ConsoleReporter())
         self.reporters += list(reporters or [])
 
         st = self.settings
-        self.flow = flow_for(cgsystem, dtype=DTYPES[st.flow_dtype], seed=st.seed, **st.flow_kwargs)
+        # Built on the CPU (same initial weights on every device), then moved where it trains.
+        self.flow = flow_for(cgsystem, dtype=DTYPES[st.flow_dtype], seed=st.seed, **st.flow_kwargs).to(
+            resolve_device(st.device))
         self._bridge = None
         self.trainer = None
         self.ensemble: PMFEnsemble | None = None  # the ensemble of the last fit (pmf.pt holds its export)
@@ -107,8 +150,6 @@ class PMFLearner:
         self.stop_reason = ""
         self._optimizer_state = None
         self._step_count = 0
-        if self.run_directory.has_checkpoint():
-            self._restore(self.run_directory.load_checkpoint())
 
     # ------------------------------------------------------------------ paths
     @property
@@ -128,8 +169,9 @@ class PMFLearner:
     @classmethod
     def from_run(cls, out_dir, progress: bool = True, plots: bool = True, reference=None,
                  reporters=None) -> "PMFLearner":
-        """The learner of an existing run directory (system and settings from its checkpoint)."""
-        ck = RunDirectory(out_dir).load_checkpoint()
+        """The learner of an existing run directory (system and settings from its checkpoint); refused
+        (:class:`~openmm_cgflow.run_directory.RunLockedError`) while a live run holds the directory."""
+        ck = RunDirectory(out_dir).load_checkpoint(require=CHECKPOINT_KEYS)
         cgsystem = system_from_dict(ck["system"])
         settings = LearnerSettings(**ck["settings"])
         return cls(cgsystem, out_dir, settings, reference=reference if reference is not None else ck.get("reference"),
@@ -146,12 +188,17 @@ class PMFLearner:
         return self._bridge
 
     def close(self) -> None:
-        """Stop the energy bridge's worker processes and close the reporters."""
+        """Stop the energy bridge's worker processes, close the reporters and release the run directory."""
         if self._bridge is not None:
             self._bridge.close()
             self._bridge = None
         for reporter in self.reporters:
             reporter.close()
+        self.run_directory.release()
+
+    def _threads(self):
+        """The torch thread count while this learner works (see :mod:`openmm_cgflow.threads`)."""
+        return torch_threads(run_threads(getattr(self.settings, "torch_threads", None)))
 
     def __enter__(self):
         return self
@@ -185,9 +232,12 @@ class PMFLearner:
     def run(self) -> str:
         """Iterate until the stop rule or a budget ends the run; returns the path of ``pmf.pt``."""
         st = self.settings
+        self.run_directory.lock()
         if self.pending is None and self.iteration == 0:
             self.pending = self.initial_points()
-        bar = tqdm(total=st.max_iterations, initial=self.iteration, desc="active learning", disable=not self.progress)
+        # no total: the run usually stops by itself long before the iteration budget (no ETA from it)
+        bar = tqdm(total=None, initial=self.iteration, desc=f"active learning (at most {st.max_iterations} iterations)",
+                   unit="iteration", disable=not self.progress)
         try:
             while not self.converged:
                 if self.iteration >= st.max_iterations:
@@ -197,7 +247,8 @@ class PMFLearner:
                     self.stop_reason = f"energy-evaluation budget ({st.max_evaluations}) reached"
                     break
                 try:
-                    record = self.step(explore=True)
+                    with self._threads():
+                        record = self.step(explore=True)
                 except BridgeError as exc:
                     done = (f"the checkpoint of iteration {self.iteration - 1} in {self.out_dir} is intact"
                             if self.iteration else "no iteration had finished")
@@ -222,6 +273,7 @@ class PMFLearner:
         and labelled; the ensemble is refitted and ``pmf.pt`` re-exported. Returns the path of ``pmf.pt``.
         """
         st = self.settings
+        self.run_directory.lock()
         s_points = wrap_periodic(np.atleast_2d(np.asarray(s_points, dtype=np.float64)), self.periodic)
         if s_points.shape[1] != self.cgsystem.n_cg:
             raise ValueError(f"s_points has {s_points.shape[1]} columns but the system has {self.cgsystem.n_cg} CG coordinates")
@@ -236,7 +288,8 @@ class PMFLearner:
         self.pending = neighbourhood(s_points[idx], st.points_per_centre, st.radius, self.periodic, rng, st.domain)
         self.converged = False
         try:
-            self.step(explore=explore)
+            with self._threads():
+                self.step(explore=explore)
         finally:
             self.close()
         return self.pmf_path
@@ -244,6 +297,7 @@ class PMFLearner:
     def step(self, explore: bool = True) -> dict:
         """One iteration at the pending points; returns its record (also in iterations.jsonl)."""
         st = self.settings
+        self.run_directory.lock()
         t0 = time.perf_counter()
         k = self.iteration
         new = np.asarray(self.pending, dtype=np.float64)
@@ -253,10 +307,13 @@ class PMFLearner:
 
         replay_idx = self._train(new, rng, gen)
         record = self._label(new, replay_idx, gen)
-        self.ensemble = self._fit(rng)
-        self._export(k)
+        self._check_labels(k)
+        ensemble = self._fit(rng)
+        self._check_ensemble(k, ensemble)
+        self.ensemble = ensemble
+        snapshot = self._export(k)
         if explore:
-            record.update(self._explore(rng))
+            record.update(self._explore(rng, snapshot))
         else:
             _, spread = self.mean_and_spread(self.label_s)
             record.update(max_spread_kT=float(spread.max()), mean_spread_kT=float(spread.mean()), uncertain_found=0)
@@ -268,9 +325,11 @@ class PMFLearner:
         record["converged"] = bool(self.converged)
         if self._reference_data is not None:
             record["kld"] = float(metrics.kld_from_pmf(lambda p: self.mean_and_spread(p)[0], self._reference_data))
+        record = _json_ready(record)
         self.history.append(record)
         self.iteration = k + 1
-        self.run_directory.save_checkpoint(self._state())
+        self.run_directory.commit_iteration(k, self._state(), model_bytes(self.flow, self.cgsystem, iteration=k),
+                                            self.history)
         for reporter in self.reporters:
             reporter.report(self, record)
         return record
@@ -331,11 +390,47 @@ class PMFLearner:
         return fit_ensemble(self.label_s, self.labels["A"], self.labels["stderr"], self.periodic,
                             n_models=self.settings.n_models, seed=int(rng.integers(2**31)))
 
-    def _export(self, k: int) -> None:
-        """pmf.pt (the ensemble), flow.pt (the flow with its system) and the snapshot pmfs/pmf_NNN.pt."""
-        export_pmf(self.ensemble, self.pmf_path, self.cgsystem.cgspace, ranges=self._ranges(), iteration=k)
+    def _export(self, k: int) -> str:
+        """The snapshot pmfs/pmf_NNN.pt of the ensemble (published as pmf.pt when the iteration commits);
+        returns its path."""
+        path = self.run_directory.snapshot_path(k)
+        export_pmf(self.ensemble, path, self.cgsystem.cgspace, ranges=self._ranges(), iteration=k)
+        return path
+
+    def _write_flow(self) -> None:
+        """flow.pt of the restored flow (repairing a run directory after a crash)."""
+        k = self.iteration - 1
         self.run_directory.save_flow(self.flow, self.cgsystem, iteration=k)
-        self.run_directory.snapshot_pmf(k)
+
+    def _check_labels(self, k: int) -> None:
+        """FloatingPointError if a label is beyond :data:`LABEL_LIMIT_KT` (energies overflowed)."""
+        big = ~(np.abs(self.labels["A"]) <= LABEL_LIMIT_KT)
+        if big.any():
+            worst = int(np.argmax(np.abs(self.labels["A"])))
+            raise FloatingPointError(
+                f"labels overflowed in iteration {k}: {int(big.sum())} labels with |A| > {LABEL_LIMIT_KT:g} kT "
+                f"(e.g. A = {self.labels['A'][worst]:.3g} kT at s = {np.round(self.label_s[worst], 3).tolist()}): the "
+                f"energies there are astronomically large (CG points far outside the physical region? check domain "
+                f"and start); nothing was exported, {self._intact(k)}")
+
+    def _check_ensemble(self, k: int, ensemble: PMFEnsemble) -> None:
+        """FloatingPointError if the fitted ensemble's mean or spread is non-finite at the labels, the CG points
+        or on a grid over its ranges, or a flow parameter is non-finite."""
+        _check_finite_parameters(self.flow)
+        probes = [self.label_s, self.points, _grid(self._ranges() or default_ranges(ensemble))]
+        s = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, self.cgsystem.n_cg) for p in probes])
+        with torch.no_grad():
+            mean, spread = ensemble.mean_and_spread(torch.as_tensor(s))
+        bad = ~(torch.isfinite(mean) & torch.isfinite(spread)).numpy()
+        if bad.any():
+            raise FloatingPointError(
+                f"non-finite PMF in iteration {k}: the fitted ensemble's mean or spread is not finite at "
+                f"{int(bad.sum())} of {len(s)} CG points (e.g. s = {np.round(s[np.argmax(bad)], 3).tolist()}); "
+                f"nothing was exported, {self._intact(k)}")
+
+    def _intact(self, k: int) -> str:
+        return (f"the files of iteration {k - 1} in {self.out_dir} are intact" if k
+                else "no iteration had finished")
 
     def _ranges(self):
         """(lo, hi) per CG coordinate for pmf.pt: [-pi, pi] if periodic, else the settings' domain (or, with
@@ -345,12 +440,12 @@ class PMFLearner:
         domain = iter(self.settings.domain)
         return [(-np.pi, np.pi) if per else tuple(next(domain)) for per in self.periodic]
 
-    def _explore(self, rng: np.random.Generator) -> dict:
-        """CG walkers from the newest points; sets the next pending points (or converged); returns the
-        record's exploration fields."""
+    def _explore(self, rng: np.random.Generator, pmf_path: str) -> dict:
+        """CG walkers on ``pmf_path`` (this iteration's ensemble) from the newest points; sets the next pending
+        points (or converged); returns the record's exploration fields."""
         st = self.settings
         newest = self.points[-len(self.pending):] if self.pending is not None else self.points
-        found, stats = find_uncertain(self.pmf_path, newest, st, self.cgsystem.temperature, self.periodic, rng)
+        found, stats = find_uncertain(pmf_path, newest, st, self.cgsystem.temperature, self.periodic, rng)
         if len(found) == 0:
             self.converged = True
             self.pending = None
@@ -393,7 +488,7 @@ class PMFLearner:
             "wall_s": self.wall_s,
             "history": self.history,
             "converged": self.converged,
-            "flow_state": {k: v.detach().clone() for k, v in self.flow.state_dict().items()},
+            "flow_state": {k: v.detach().cpu().clone() for k, v in self.flow.state_dict().items()},
             "optimizer_state": None if trainer is None else trainer.optimizer.state_dict(),
             "step_count": 0 if trainer is None else trainer.step_count,
         }
@@ -409,15 +504,19 @@ class PMFLearner:
                 "settings or choose another output directory")
         if _system_key(ck["system"]) != _system_key(system_to_dict(self.cgsystem)):
             raise ValueError(f"{self.out_dir} holds a run of another system")
-        self.iteration = ck["iteration"]
-        self.points = ck["points"]
-        self.label_s = ck["label_s"]
-        self.labels = ck["labels"]
-        self.pending = ck["pending"]
-        self.evaluations = ck["evaluations"]
-        self.wall_s = ck["wall_s"]
-        self.history = ck["history"]
-        self.converged = ck["converged"]
+        bad = [k for k, v in ck["flow_state"].items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"checkpoint {self.checkpoint_path} holds non-finite flow parameters ({bad[0]}, ...): "
+                             "the file is corrupt; restore a good copy or start afresh with overwrite=True")
+        self.iteration = int(ck["iteration"])
+        self.points = to_numpy(ck["points"])
+        self.label_s = to_numpy(ck["label_s"])
+        self.labels = {key: to_numpy(val) for key, val in ck["labels"].items()}
+        self.pending = to_numpy(ck["pending"])
+        self.evaluations = int(ck["evaluations"])
+        self.wall_s = float(ck["wall_s"])
+        self.history = list(ck["history"])
+        self.converged = bool(ck["converged"])
         self.flow.load_state_dict(ck["flow_state"])
         self._optimizer_state = ck["optimizer_state"]
         self._step_count = ck["step_count"]
@@ -427,6 +526,32 @@ class PMFLearner:
 
 def _system_key(d: dict):
     return d.get("name", d.get("builtin"))
+
+
+def _json_ready(record: dict) -> dict:
+    """The record with every non-finite number replaced by None and flagged (``"<key>_nonfinite": "inf"``),
+    so iterations.jsonl stays strict JSON (e.g. an infinite KLD)."""
+    out = {}
+    for key, val in record.items():
+        if isinstance(val, float) and not np.isfinite(val):
+            out[key] = None
+            out[f"{key}_nonfinite"] = str(val)
+        else:
+            out[key] = val
+    return out
+
+
+def _grid(ranges, n_total: int = 4096) -> np.ndarray:
+    """Probe points over ``ranges`` ((lo, hi) per CG coordinate): a full grid for d <= 3, else ``n_total``
+    points of a fixed pseudo-random design (its own generator: the run's random streams are untouched)."""
+    d = len(ranges)
+    lo = np.array([r[0] for r in ranges], dtype=np.float64)
+    hi = np.array([r[1] for r in ranges], dtype=np.float64)
+    if d <= 3:
+        n = max(2, int(round(n_total ** (1.0 / d))))
+        axes = [np.linspace(a, b, n) for a, b in zip(lo, hi)]
+        return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, d)
+    return lo + (hi - lo) * np.random.default_rng(12345).random((n_total, d))
 
 
 def _differs(a, b) -> bool:

@@ -204,18 +204,31 @@ def load_reference_npz(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference file not found: {path}")
-    with np.load(path) as z:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ValueError(f"could not read reference file {path} as an .npz archive: {exc}") from exc
+    with z:
+        names = set(z.files)
+        if "probabilities" not in names:
+            raise ValueError(f"reference file {path} has no array 'probabilities' (arrays: {sorted(names)})")
         p = np.array(z["probabilities"], dtype=np.float64)
-        if "phi_edges" in z:
+        if "phi_edges" in names and "psi_edges" in names:
             edges, periodic = [np.array(z["phi_edges"]), np.array(z["psi_edges"])], [True, True]
         else:
+            missing = [f"edges_{k}" for k in range(p.ndim) if f"edges_{k}" not in names]
+            if missing:
+                raise ValueError(f"reference file {path} lacks the bin edges {missing} (or phi_edges/psi_edges) "
+                                 f"for its {p.ndim}-axis 'probabilities' (arrays: {sorted(names)})")
             edges = [np.array(z[f"edges_{k}"]) for k in range(p.ndim)]
-            periodic = [bool(q) for q in z["periodic"]] if "periodic" in z else [False] * p.ndim
+            periodic = [bool(q) for q in z["periodic"]] if "periodic" in names else [False] * p.ndim
         extra = {}
-        if "free_energy_kT" in z:
+        if "free_energy_kT" in names:
             extra["free_energy_kT"] = np.array(z["free_energy_kT"])
-        if "self_consistency_kld" in z:
+        if "self_consistency_kld" in names:
             extra["self_consistency_kld"] = float(z["self_consistency_kld"])
+    if not (np.all(np.isfinite(p)) and np.all(p >= 0) and p.sum() > 0):
+        raise ValueError(f"reference file {path}: 'probabilities' must be finite, non-negative and not all zero")
     return grid_reference(p, edges, periodic, name=os.path.basename(path), **extra)
 
 
@@ -240,6 +253,24 @@ def as_reference(reference) -> dict:
         return grid_reference(p, [torus_bin_edges(p.shape[0])] * p.ndim, [True] * p.ndim)
     raise ValueError("reference must be a registered system name, an npz path, a dict or a probability grid "
                      "with the same number of bins on every (periodic) axis")
+
+
+def check_reference(reference, periodic, names=None, what: str = "reference") -> dict:
+    """The reference (anything :func:`as_reference` takes) as a dict, checked against a system's CG coordinates:
+    one grid axis per CG coordinate, periodic where the coordinate is. ``periodic`` [d] bools; ``names`` [d]
+    optional coordinate names for the message. Raises ValueError naming the mismatch (before any work)."""
+    ref = as_reference(reference)
+    periodic = [bool(p) for p in periodic]
+    axes = len(ref["edges"])
+    label = f"{what} {reference!r}" if isinstance(reference, (str, os.PathLike)) else what
+    coords = f" ({', '.join(map(str, names))})" if names is not None else ""
+    if axes != len(periodic):
+        raise ValueError(f"{label} has {axes} grid axis/axes but the system has {len(periodic)} CG coordinate(s)"
+                         f"{coords}: it belongs to another system")
+    if list(ref["periodic"]) != periodic:
+        raise ValueError(f"{label} has periodic axes {list(ref['periodic'])} but the system's CG coordinates"
+                         f"{coords} are periodic {periodic}: it belongs to another system")
+    return ref
 
 
 def reference_grid_points(reference) -> np.ndarray:

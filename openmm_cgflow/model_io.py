@@ -7,10 +7,16 @@ and chiral centres). A system built from the registry (``builtin(name)``) also s
 and options; one that cannot be written as data (no atoms to describe, e.g. Mueller-Brown) is stored by
 its name only and rebuilt through the registry. Writes go through
 :func:`openmm_cgflow_plugin.files.atomic_write`, so a crash never leaves half a file.
+
+The file holds tensors, numeric arrays and plain data only and is read with ``torch.load(weights_only=True)``
+(:mod:`openmm_cgflow.safe_files`): a crafted file cannot run code when it is loaded. (The System XML it
+carries is deserialised by OpenMM; a System with a PythonForce unpickles that force's function: share
+flow.pt files of Systems without PythonForce only, or check ``payload["system"]["system_xml"]`` first.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 
@@ -22,8 +28,9 @@ from openmm_cgflow_plugin.files import atomic_write
 
 from . import registry, systems
 from .flow import ConditionalFlow
+from .safe_files import check_plain, load_plain, to_numpy, to_plain
 
-__all__ = ["save_model", "load_model", "system_to_dict", "system_from_dict"]
+__all__ = ["save_model", "load_model", "model_bytes", "system_to_dict", "system_from_dict"]
 
 FORMAT = "openmm-cgflow-model/1"
 
@@ -59,7 +66,7 @@ def system_from_dict(d: dict):
     system = openmm.XmlSerializer.deserialize(d["system_xml"])
     topology = _topology_with_bonds(app.PDBFile(io.StringIO(d["pdb"])).topology, d["bonds"])
     cgsystem = systems.from_openmm(
-        system, topology, d["positions_nm"], d["temperature_K"], [tuple(q) for q in d["cg_atoms"]],
+        system, topology, np.asarray(to_numpy(d["positions_nm"]), dtype=np.float64), float(d["temperature_K"]), [tuple(q) for q in d["cg_atoms"]],
         name=d["name"], cg_names=d["cg_names"], chiral_centres=[tuple(q) for q in d["chiral_centres"]],
     )
     cgsystem.builtin = d.get("builtin")
@@ -84,12 +91,8 @@ def _topology_with_bonds(source: app.Topology, bonds) -> app.Topology:
     return topology
 
 
-def save_model(path: str | os.PathLike, flow: ConditionalFlow, cgsystem, **extra) -> None:
-    """Write the flow (constructor arguments, dtype, weights) and its CGSystem to ``path`` atomically.
-
-    ``extra`` (plain data: numbers, strings, lists, arrays) is stored alongside and returned by
-    :func:`load_model` with ``return_extra=True``.
-    """
+def model_bytes(flow: ConditionalFlow, cgsystem, **extra) -> bytes:
+    """The bytes of the ``flow.pt`` that :func:`save_model` writes (tensors, numeric arrays and plain data only)."""
     payload = {
         "format": FORMAT,
         "flow_hparams": dict(flow.hparams),
@@ -98,27 +101,45 @@ def save_model(path: str | os.PathLike, flow: ConditionalFlow, cgsystem, **extra
         "system": system_to_dict(cgsystem),
         "extra": extra,
     }
+    buf = io.BytesIO()
+    torch.save(to_plain(payload, "flow.pt"), buf)
+    check_plain(buf.getvalue(), "flow.pt payload")
+    return buf.getvalue()
+
+
+def save_model(path: str | os.PathLike, flow: ConditionalFlow, cgsystem, **extra) -> str:
+    """Write the flow (constructor arguments, dtype, weights) and its CGSystem to ``path`` atomically;
+    returns the SHA-256 of the bytes written.
+
+    ``extra`` (plain data: numbers, strings, lists, arrays) is stored alongside and returned by
+    :func:`load_model` with ``return_extra=True``.
+    """
+    data = model_bytes(flow, cgsystem, **extra)
     with atomic_write(path) as fh:
-        torch.save(payload, fh)
+        fh.write(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_model(path: str | os.PathLike, return_extra: bool = False):
     """Read a file written by :func:`save_model` -> ``(flow, cgsystem)`` (and ``extra`` if asked).
 
     Raises FileNotFoundError for a missing file and ValueError (naming the file) for one that is not a
-    complete openmm-cgflow model.
+    complete openmm-cgflow model, or that holds Python objects beyond tensors, numeric arrays and plain data
+    (:class:`~openmm_cgflow.safe_files.UnsafeFileError`: nothing in it is run).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "flow.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"could not read model file {path} (corrupt or not a torch file): {exc}") from exc
+    payload = load_plain(path, "model file")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an openmm-cgflow model file (expected format {FORMAT!r})")
+    missing = [k for k in ("flow_hparams", "flow_dtype", "flow_state", "system") if k not in payload]
+    if missing:
+        raise ValueError(f"model file {path} is incomplete: missing {', '.join(missing)}")
+    if payload["flow_dtype"] not in ("float32", "float64"):
+        raise ValueError(f"model file {path}: unknown flow dtype {payload['flow_dtype']!r}")
     cgsystem = system_from_dict(payload["system"])
     hp = dict(payload["flow_hparams"])
     flow = ConditionalFlow(dtype=getattr(torch, payload["flow_dtype"]), **hp)

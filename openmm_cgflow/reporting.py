@@ -7,8 +7,14 @@ do, since a learner can be used again). ``record`` is the iteration's dict (the 
 ``iterations.jsonl``: iteration, energy_evaluations, cg_points, max_spread_kT, wall_s, kld when a
 reference is given, ...); ``learner.history`` holds all records so far.
 
-Default reporters: :class:`PlotReporter` (PNG plots), :class:`JsonlReporter` (``iterations.jsonl``) and
-:class:`ConsoleReporter` (one line per iteration); add your own with ``PMFLearner(..., reporters=[...])``.
+Default reporters: :class:`PlotReporter` (PNG plots) and :class:`ConsoleReporter` (one line per
+iteration); add your own with ``PMFLearner(..., reporters=[...])``. The run directory's own
+``iterations.jsonl`` is written when an iteration commits (:meth:`RunDirectory.commit_iteration
+<openmm_cgflow.run_directory.RunDirectory.commit_iteration>`), before the reporters are called;
+:class:`JsonlReporter` writes the same records into another run directory object.
+
+A number that is not finite (e.g. an infinite KLD) is recorded as None with a flag
+``"<key>_nonfinite": "inf"``, so every record is strict JSON.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ def format_record(r: dict) -> str:
     parts = [f"iteration {r['iteration']}", f"evals {r['energy_evaluations']:,}", f"points {r['cg_points']}",
              f"max spread {r['max_spread_kT']:.3f} kT", f"mean spread {r['mean_spread_kT']:.3f} kT",
              f"mean ESS/N {r['mean_ess']:.3f}", f"uncertain {r.get('uncertain_found', 0)}", f"wall {r['wall_s']:.0f} s"]
-    if "kld" in r:
+    if r.get("kld") is not None:
         parts.append(f"KLD {r['kld']:.2e}")
+    elif "kld" in r:
+        parts.append(f"KLD {r.get('kld_nonfinite', 'n/a')}")
     return " | ".join(parts)
 
 
@@ -49,7 +57,8 @@ class ConsoleReporter(Reporter):
 
 
 class JsonlReporter(Reporter):
-    """Rewrites ``iterations.jsonl`` of the run directory with ``learner.history`` (atomically)."""
+    """Rewrites ``iterations.jsonl`` of ``run_directory`` (a :class:`~openmm_cgflow.run_directory.RunDirectory`)
+    with ``learner.history`` (atomically, strict JSON)."""
 
     def __init__(self, run_directory):
         self.run_directory = run_directory
@@ -76,7 +85,7 @@ class PlotReporter(Reporter):
                      points=None if centres is None else np.asarray(centres),
                      threshold=learner.settings.threshold_kT,
                      title=f"iteration {k}: {len(learner.label_s)} labelled CG points")
-            if any("kld" in r for r in learner.history):
+            if any(r.get("kld") is not None for r in learner.history):
                 self.plot_kld(learner.history)
         except Exception as exc:  # a plot must never end a run
             print(f"warning: plotting failed: {exc}")
@@ -86,8 +95,8 @@ class PlotReporter(Reporter):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        ev = [r["energy_evaluations"] for r in history if "kld" in r]
-        kl = [r["kld"] for r in history if "kld" in r]
+        ev = [r["energy_evaluations"] for r in history if r.get("kld") is not None]
+        kl = [r["kld"] for r in history if r.get("kld") is not None]
         fig = Figure(figsize=(4.5, 3.2))
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()

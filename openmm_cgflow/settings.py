@@ -8,17 +8,129 @@ Units: CG coordinates in radians (dihedrals) or nm (others), energies and spread
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import registry
 
-__all__ = ["LearnerSettings", "DTYPES"]
+__all__ = ["LearnerSettings", "DTYPES", "SettingsError", "did_you_mean", "estimate_memory", "check_memory",
+           "physical_memory_bytes"]
 
 #: Flow parameter dtypes by name.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Fraction of the physical memory a run's estimated allocations may take (see :func:`check_memory`).
+MEMORY_FRACTION = 0.5
+
+
+class SettingsError(ValueError):
+    """A setting of the wrong type or out of range (a ValueError, so callers catching ValueError see it)."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def did_you_mean(word: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or an empty string."""
+    close = difflib.get_close_matches(str(word), sorted(map(str, choices)), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# (field, kind, lower bound): kind "int" (an integer, >= low), "pos" (a finite number > 0), "nonneg" (finite >= 0);
+# a trailing "?" allows None.
+_FIELD_RULES = (
+    ("threshold_kT", "pos", None), ("n_walkers", "int", 1), ("walker_steps", "int", 1),
+    ("walker_timestep_ps", "pos?", None), ("walker_temperature_factor", "pos", None), ("report_interval", "int", 1),
+    ("new_centres", "int", 1), ("points_per_centre", "int", 1), ("radius", "pos", None),
+    ("initial_points", "int", 1), ("initial_radius", "pos", None), ("first_epochs", "int", 0), ("epochs", "int", 0),
+    ("samples_per_point", "int", 1), ("points_per_batch", "int", 1), ("lr", "pos", None), ("lr_final", "pos", None),
+    ("warmup_steps", "int", 0), ("forward_weight", "nonneg", None), ("drop_worst", "int", 0),
+    ("replay_fraction", "nonneg", None), ("label_samples", "int", 1), ("n_models", "int", 1),
+    ("max_iterations", "int", 1), ("max_evaluations", "int?", 1), ("n_workers", "int?", 0),
+    ("chunk_timeout", "pos?", None), ("worker_wait", "pos", None), ("seed", "int", 0),
+    ("torch_threads", "int?", 1),
+)
+
+
+def _check_field(name: str, value, kind: str, low) -> None:
+    if kind.endswith("?"):
+        if value is None:
+            return
+        kind = kind[:-1]
+    got = f"got {value!r} ({type(value).__name__})"
+    if kind == "int":
+        if not _is_int(value):
+            raise SettingsError(f"setting {name} must be an integer (int) >= {low}, {got}")
+        if value < low:
+            raise SettingsError(f"setting {name} must be an integer >= {low}, got {value}")
+        return
+    if not _is_real(value):
+        raise SettingsError(f"setting {name} must be a number (float), {got}")
+    if not math.isfinite(value) or (value <= 0 if kind == "pos" else value < 0):
+        raise SettingsError(f"setting {name} must be a finite number {'> 0' if kind == 'pos' else '>= 0'}, got {value}")
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (``os.sysconf``), or None where it cannot be read."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_memory(settings: "LearnerSettings", n_cg: int, n_atoms: int | None = None) -> dict:
+    """Rough bytes of the largest allocations of one iteration, by what drives them (a lower bound, to catch
+    settings that cannot fit, such as ``n_walkers = 10**9``; not a prediction of the peak).
+
+    * ``walkers``: ``n_walkers`` CG walkers: OpenMM state, the ensemble's activations and gradients
+      (``n_models`` networks of width 2 x 64, float64) and ten frames of CG coordinates and spreads;
+    * ``labels``: ``label_samples`` log weights (float64) per labelled point, for the pending points plus the
+      replayed ones;
+    * ``training``: ``points_per_batch * samples_per_point`` flow samples per step, each with the flow's
+      activations and gradients (taken as 400 float64 values per Cartesian coordinate of ``n_atoms`` atoms);
+    * ``points``: the initial ball and each iteration's neighbourhoods ([N, n_cg] float64).
+    """
+    st = settings
+    per_walker = 8 * (4 * st.n_models * 128 + 10 * (n_cg + 1) + 3 * 9) + 256
+    pending = max(st.initial_points, st.new_centres * st.points_per_centre)
+    labelled = pending * (1.0 + st.replay_fraction)
+    per_sample = 8 * 3 * (n_atoms or 1) * 400
+    return {
+        "walkers": float(st.n_walkers) * per_walker,
+        "labels": labelled * float(st.label_samples) * 8 * 2,
+        "training": float(st.points_per_batch) * float(st.samples_per_point) * per_sample,
+        "points": float(pending) * n_cg * 8 * 4,
+    }
+
+
+def check_memory(settings: "LearnerSettings", n_cg: int, n_atoms: int | None = None,
+                 available: int | None = None) -> None:
+    """SettingsError when :func:`estimate_memory` exceeds ``MEMORY_FRACTION`` (half) of ``available`` bytes
+    (default: :func:`physical_memory_bytes`; no check where that is unknown)."""
+    available = physical_memory_bytes() if available is None else int(available)
+    if not available:
+        return
+    parts = estimate_memory(settings, n_cg, n_atoms)
+    total = sum(parts.values())
+    if total > MEMORY_FRACTION * available:
+        drivers = {"walkers": "n_walkers", "labels": "label_samples x points (initial_points, new_centres x "
+                   "points_per_centre)", "training": "points_per_batch x samples_per_point",
+                   "points": "initial_points, new_centres x points_per_centre"}
+        worst = max(parts, key=parts.get)
+        raise SettingsError(
+            f"these settings need an estimated {total / 2**30:.3g} GiB of memory, more than "
+            f"{MEMORY_FRACTION:.0%} of this machine's {available / 2**30:.3g} GiB; the largest part is {worst} "
+            f"({parts[worst] / 2**30:.3g} GiB, from {drivers[worst]}): lower "
+            f"{drivers[worst].split(' x ')[0].split(' (')[0]}")
 
 
 @dataclass
@@ -47,6 +159,10 @@ class LearnerSettings:
     ``chunk_timeout`` seconds after which a chunk is resubmitted elsewhere (None: no limit) and
     ``worker_wait`` seconds to wait for a worker before the run stops with an error.
     ``seed`` makes a run repeatable (same seed, same numbers, interrupted or not).
+    ``torch_threads``: torch intra-op threads while a run trains, labels and fits; None: 1 unless
+    ``OMP_NUM_THREADS`` is set (:func:`openmm_cgflow.threads.run_threads`), so that the flow does not
+    oversubscribe the cores the energy workers use. ``device``: where the flow trains, samples labels
+    and is stored in memory ("cpu", the default, or "cuda"/"cuda:N"; energies stay on the CPU workers).
     """
 
     threshold_kT: float = 0.2
@@ -83,9 +199,12 @@ class LearnerSettings:
     chunk_timeout: float | None = None
     worker_wait: float = 60.0
     seed: int = 0
+    torch_threads: int | None = None
+    device: str | None = None
 
-    #: Settings that say where energies are computed, not what is computed: they may change on resume.
-    RESOURCE_FIELDS = ("max_iterations", "max_evaluations", "n_workers", "scheduler", "chunk_timeout", "worker_wait")
+    #: Settings that say where the work runs, not what is computed: they may change on resume.
+    RESOURCE_FIELDS = ("max_iterations", "max_evaluations", "n_workers", "scheduler", "chunk_timeout", "worker_wait",
+                       "torch_threads", "device")
 
     @classmethod
     def for_system(cls, cgsystem, **overrides) -> "LearnerSettings":
@@ -94,37 +213,108 @@ class LearnerSettings:
         item = registry.entry_for(cgsystem)
         base = dict(item.settings) if item is not None else {}
         base.update(overrides)
-        unknown = set(base) - {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(base) - names)
         if unknown:
-            raise ValueError(f"unknown setting(s) {sorted(unknown)}")
+            raise SettingsError(f"unknown setting(s) {unknown}{did_you_mean(unknown[0], names)}")
         return cls(**base)
 
-    def validate(self, n_cg: int) -> None:
-        """Raise ValueError naming the first bad setting."""
-        if not (self.threshold_kT > 0 and math.isfinite(self.threshold_kT)):
-            raise ValueError(f"threshold_kT must be a positive number, got {self.threshold_kT}")
-        for name in ("n_walkers", "walker_steps", "report_interval", "new_centres", "points_per_centre",
-                     "initial_points", "samples_per_point", "points_per_batch", "label_samples", "n_models",
-                     "max_iterations"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.walker_temperature_factor > 0 and math.isfinite(self.walker_temperature_factor)):
-            raise ValueError(f"walker_temperature_factor must be > 0, got {self.walker_temperature_factor}")
-        if self.flow_dtype not in DTYPES:
-            raise ValueError(f"flow_dtype must be one of {sorted(DTYPES)}, got {self.flow_dtype!r}")
-        if self.radius <= 0 or self.initial_radius <= 0:
-            raise ValueError("radius and initial_radius must be > 0")
+    def validate(self, system_or_n_cg, periodic=None, n_atoms: int | None = None) -> None:
+        """Check every setting before any work; raise :class:`SettingsError` (a ValueError) naming the first bad one.
+
+        ``system_or_n_cg``: the :class:`~openmm_cgflow.systems.CGSystem` the run is for (its number of CG
+        coordinates, which of them are periodic and its number of atoms are read from it), or just the number
+        of CG coordinates (then ``periodic`` [d] bools and ``n_atoms`` may be given; without ``periodic`` the
+        domain is checked only for its form). Checked: the type of every field (``threshold_kT = "0.2"`` is
+        refused, not coerced; integers where counts are meant), ranges, ``domain`` (one (lo, hi) pair with
+        lo < hi per non-periodic CG coordinate), ``start`` (finite, one value per CG coordinate, inside the
+        domain; periodic values in radians, see :func:`openmm_cgflow.cg_input.check_cg_values`),
+        ``flow_kwargs`` (arguments of :class:`~openmm_cgflow.flow.ConditionalFlow`), and the memory the run's
+        largest allocations will need (:func:`estimate_memory`) against half of this machine's physical memory.
+        """
+        if isinstance(system_or_n_cg, (int, np.integer)) and not isinstance(system_or_n_cg, bool):
+            n_cg, names = int(system_or_n_cg), None
+        else:
+            names = list(system_or_n_cg.cg_names)
+            n_cg = int(system_or_n_cg.n_cg)
+            periodic = list(system_or_n_cg.cg_periodic) if periodic is None else periodic
+            n_atoms = int(system_or_n_cg.n_atoms) if n_atoms is None else n_atoms
+        for name, kind, low in _FIELD_RULES:
+            _check_field(name, getattr(self, name), kind, low)
         if not 0.0 <= self.replay_fraction <= 1.0:
-            raise ValueError(f"replay_fraction must be in [0, 1], got {self.replay_fraction}")
+            raise SettingsError(f"setting replay_fraction must be in [0, 1], got {self.replay_fraction!r}")
+        if self.device is not None:
+            if not isinstance(self.device, str):
+                raise SettingsError(f"setting device must be a device name such as 'cpu' or 'cuda', got {self.device!r}")
+            from .flow import resolve_device
+
+            try:
+                resolve_device(self.device)
+            except ValueError as exc:
+                raise SettingsError(f"setting device: {exc}") from None
+        if self.flow_dtype not in DTYPES:
+            raise SettingsError(f"setting flow_dtype must be one of {sorted(DTYPES)}, got {self.flow_dtype!r}")
         if self.scheduler is not None and not isinstance(self.scheduler, str):
-            raise ValueError(f"scheduler must be a Dask scheduler address such as 'tcp://host:8786', got {self.scheduler!r}")
-        if self.chunk_timeout is not None and not self.chunk_timeout > 0:
-            raise ValueError(f"chunk_timeout must be > 0 seconds or None, got {self.chunk_timeout}")
-        if not self.worker_wait > 0:
-            raise ValueError(f"worker_wait must be > 0 seconds, got {self.worker_wait}")
-        if self.max_evaluations is not None and self.max_evaluations < 1:
-            raise ValueError(f"max_evaluations must be >= 1 or None, got {self.max_evaluations}")
-        if self.domain is not None and any(len(r) != 2 or not r[0] < r[1] for r in self.domain):
-            raise ValueError(f"domain must be one (lo, hi) with lo < hi per non-periodic CG coordinate, got {self.domain}")
-        if self.start is not None and len(self.start) != n_cg:
-            raise ValueError(f"start has {len(self.start)} entries but the system has {n_cg} CG coordinates")
+            raise SettingsError("setting scheduler must be a Dask scheduler address such as 'tcp://host:8786', "
+                                f"got {self.scheduler!r}")
+        self._validate_flow_kwargs()
+        domain = self._validate_domain(n_cg, periodic)
+        self._validate_start(n_cg, periodic, domain, names)
+        check_memory(self, n_cg, n_atoms)
+
+    def _validate_flow_kwargs(self) -> None:
+        if not isinstance(self.flow_kwargs, dict):
+            raise SettingsError(f"setting flow_kwargs must be a table/dict of ConditionalFlow arguments, "
+                                f"got {type(self.flow_kwargs).__name__}")
+        import inspect
+
+        from .flow import ConditionalFlow
+
+        known = set(inspect.signature(ConditionalFlow.__init__).parameters) - {"self", "n_fine", "circular", "n_cg",
+                                                                              "cg_periodic", "dtype", "seed"}
+        unknown = sorted(set(self.flow_kwargs) - known)
+        if unknown:
+            raise SettingsError(f"unknown flow_kwargs {unknown}{did_you_mean(unknown[0], known)}; "
+                                f"known: {sorted(known)}")
+
+    def _validate_domain(self, n_cg: int, periodic):
+        """The domain as a list of (lo, hi) float pairs (or None), checked."""
+        if self.domain is None:
+            return None
+        pairs = self.domain
+        if not isinstance(pairs, (list, tuple)) or not all(
+                isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_real(v) for v in r) for r in pairs):
+            raise SettingsError("setting domain must be a list of (lo, hi) pairs of numbers, one per non-periodic CG "
+                                f"coordinate, e.g. [[-2.5, 1.1]]; got {self.domain!r}")
+        pairs = [(float(lo), float(hi)) for lo, hi in pairs]
+        for lo, hi in pairs:
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise SettingsError(f"setting domain must be finite, got {self.domain!r}")
+            if not lo < hi:
+                raise SettingsError(f"setting domain must be one (lo, hi) with lo < hi per non-periodic CG coordinate; "
+                                    f"got ({lo:g}, {hi:g}) in {self.domain!r} (inverted or empty)")
+        if periodic is not None:
+            n_free = sum(1 for p in periodic if not p)
+            if len(pairs) != n_free:
+                raise SettingsError(f"setting domain has {len(pairs)} (lo, hi) pair(s) but the system has {n_free} "
+                                    f"non-periodic CG coordinate(s) (periodic ones need none)")
+        return pairs
+
+    def _validate_start(self, n_cg: int, periodic, domain, names=None) -> None:
+        if self.start is None:
+            return
+        if not isinstance(self.start, (list, tuple, np.ndarray)) or not all(_is_real(v) for v in self.start):
+            raise SettingsError(f"setting start must be a list of {n_cg} number(s) (one per CG coordinate), "
+                                f"got {self.start!r}")
+        if len(self.start) != n_cg:
+            raise SettingsError(f"setting start has {len(self.start)} entries but the system has {n_cg} CG coordinates")
+        start = np.asarray(self.start, dtype=np.float64)
+        if not np.all(np.isfinite(start)):
+            raise SettingsError(f"setting start must be finite, got {self.start!r}")
+        if periodic is not None:
+            from .cg_input import check_cg_values
+
+            try:
+                check_cg_values(start[None], periodic, domain=domain, names=names, what="setting start")
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None

@@ -20,6 +20,7 @@ import openmm.app as app
 import openmm.unit as unit
 
 from openmm_cgflow_plugin.cgspace import CGSpace, kT_kJmol
+from openmm_cgflow_plugin.forces import bonded_pairs
 
 from .coordinates import InternalCoordinates
 
@@ -99,8 +100,16 @@ def _check_temperature(temperature) -> float:
     return temperature
 
 
-def _positions_nm(positions, n_atoms: int) -> np.ndarray:
-    if unit.is_quantity(positions):
+#: Median bonded distance (nm) above which bare-number positions are taken for angstrom (bonds are 0.1-0.2 nm).
+ANGSTROM_SUSPECT_NM = 0.5
+
+
+def _positions_nm(positions, n_atoms: int, bonds=()) -> np.ndarray:
+    """Positions as float64 [n_atoms, 3] nm. Bare numbers are read as nm; if the bonded distances (``bonds``,
+    pairs of atom indices) say they are angstrom (median > 0.5 nm), ValueError rather than a molecule 10x too
+    large."""
+    quantity = unit.is_quantity(positions)
+    if quantity:
         positions = positions.value_in_unit(unit.nanometer)
     xyz = np.asarray(positions, dtype=np.float64)
     if xyz.shape != (n_atoms, 3):
@@ -108,6 +117,14 @@ def _positions_nm(positions, n_atoms: int) -> np.ndarray:
     if not np.all(np.isfinite(xyz)):
         bad = np.where(~np.isfinite(xyz).all(axis=1))[0]
         raise ValueError(f"positions contain NaN or infinite values at atoms {bad.tolist()}")
+    if len(bonds):
+        ij = np.asarray(bonds, dtype=np.int64)
+        median = float(np.median(np.linalg.norm(xyz[ij[:, 0]] - xyz[ij[:, 1]], axis=1)))
+        if median > ANGSTROM_SUSPECT_NM:
+            how = ("the Quantity's unit is wrong" if quantity else
+                   "positions look like angstrom; pass nm (divide by 10) or an OpenMM Quantity, e.g. pdb.positions")
+            raise ValueError(f"the median bonded distance of these positions is {median:.3g} nm (bonds are "
+                             f"0.1-0.2 nm): {how}")
     return xyz
 
 
@@ -178,7 +195,8 @@ def from_openmm(
     Args:
         system: all-atom ``openmm.System`` without constraints and without periodic boundaries.
         topology: its ``Topology`` (bonds define the internal coordinates).
-        positions: reference structure, [n_atoms, 3] in nm (array or OpenMM Quantity).
+        positions: reference structure, [n_atoms, 3] in nm (array or OpenMM Quantity); bare numbers whose
+            bonded distances look like angstrom are refused.
         temperature: K (number or Quantity), > 0.
         cg: CG dihedrals, each four atom indices or ``"phi:RES"`` / ``"psi:RES"``.
         name: label for logs and files.
@@ -199,7 +217,7 @@ def from_openmm(
             "implicit-solvent molecules only: create it with nonbondedMethod=NoCutoff and an implicit-solvent model."
         )
     temperature = _check_temperature(temperature)
-    xyz = _positions_nm(positions, n_atoms)
+    xyz = _positions_nm(positions, n_atoms, sorted(bonded_pairs(system, topology)))
     if len(cg) == 0:
         raise ValueError("at least one CG coordinate is needed")
     resolved = [resolve_cg(topology, spec) for spec in cg]

@@ -29,7 +29,7 @@ from .modules import CGWalkerEnergy, CGWalkerEnergyPBC, DihedralBias, DihedralBi
 from .pmf import load_pmf
 
 __all__ = ["cg_walker_system", "walker_mass", "add_pmf_bias", "pmf_cmap_force", "cmap_grid", "BIAS_PARAMETER",
-           "find_pmf_module", "walker_force"]
+           "find_pmf_module", "walker_force", "bonded_pairs", "check_bonded_chains"]
 
 #: Default name of the global parameter holding the bias factor of :func:`add_pmf_bias` (Context.setParameter).
 BIAS_PARAMETER = "cgflow_bias_factor"
@@ -98,10 +98,47 @@ def find_pmf_module(system: openmm.System):
     return force_module(system.getForce(indices[0])).pmf
 
 
+def bonded_pairs(system: openmm.System, topology: Optional[app.Topology] = None) -> set:
+    """Bonded atom pairs {(i, j), i < j} (0-based): the ``topology``'s bonds when given (and it has any), else
+    the System's ``HarmonicBondForce`` bonds and constraints. Empty when neither knows any bond."""
+    pairs = set()
+    if topology is not None:
+        pairs = {tuple(sorted((a.index, b.index))) for a, b in topology.bonds()}
+        if pairs:
+            return pairs
+    for force in system.getForces():
+        if isinstance(force, openmm.HarmonicBondForce):
+            for k in range(force.getNumBonds()):
+                i, j = force.getBondParameters(k)[:2]
+                pairs.add(tuple(sorted((int(i), int(j)))))
+    for k in range(system.getNumConstraints()):
+        i, j, _ = system.getConstraintParameters(k)
+        pairs.add(tuple(sorted((int(i), int(j)))))
+    return pairs
+
+
+def check_bonded_chains(system: openmm.System, quads, topology: Optional[app.Topology] = None) -> None:
+    """ValueError unless each atom quadruple (a, b, c, d) is a bonded chain a-b-c-d (a proper dihedral), by the
+    bonds of :func:`bonded_pairs`; no check when the System and topology carry no bonds at all."""
+    pairs = bonded_pairs(system, topology)
+    if not pairs:
+        return
+    source = "the topology's bonds" if topology is not None and any(True for _ in topology.bonds()) else \
+        "the System's HarmonicBondForce bonds and constraints"
+    for q in quads:
+        missing = [f"{i}-{j}" for i, j in zip(q[:-1], q[1:]) if tuple(sorted((i, j))) not in pairs]
+        if missing:
+            raise ValueError(f"cg_atoms {list(q)} is not a bonded chain in this System: atoms {', '.join(missing)} are "
+                             f"not bonded (checked against {source}); give each dihedral's four atoms in bond order "
+                             "(e.g. the file's cg_atoms for the same molecule), or check_bonds=False for an "
+                             "improper/non-bonded quadruple you mean")
+
+
 def add_pmf_bias(system: openmm.System, pmf_path, factor: float = -1.0, temperature=None,
                  cg_atoms: Optional[Sequence[Sequence[int]]] = None, force_group: Optional[int] = None,
                  parameter: str = BIAS_PARAMETER, uses_pbc: Optional[bool] = None,
-                 backend: Optional[str] = None) -> openmm.Force:
+                 backend: Optional[str] = None, topology: Optional[app.Topology] = None,
+                 check_bonds: bool = True) -> openmm.Force:
     """Add ``factor * kT * A(s(x))`` to an all-atom System and return the force.
 
     Args:
@@ -118,6 +155,9 @@ def add_pmf_bias(system: openmm.System, pmf_path, factor: float = -1.0, temperat
             System is periodic, so add the bias after the force field's forces (or pass True).
         backend: "torch" (TorchForce), "python" (openmm.PythonForce; serialisable with XmlSerializer) or
             None (the default: "torch" when openmm-torch is installed).
+        topology: optional ``Topology`` of the System; its bonds are used for the bonded-chain check.
+        check_bonds: refuse a quadruple that is not a bonded chain a-b-c-d (by the topology's bonds, else the
+            System's HarmonicBondForce bonds and constraints; no check if neither has bonds).
     Returns the force (already added to ``system``).
     """
     pmf = load_pmf(pmf_path, temperature=temperature)
@@ -134,6 +174,8 @@ def add_pmf_bias(system: openmm.System, pmf_path, factor: float = -1.0, temperat
     bad = [q for q in quads if any(i < 0 or i >= n for i in q) or len(set(q)) != 4]
     if bad:
         raise ValueError(f"cg_atoms {bad} are not four distinct atom indices of this System (0..{n - 1})")
+    if check_bonds:
+        check_bonded_chains(system, quads, topology)
     factor = float(factor)
     if not math.isfinite(factor):
         raise ValueError(f"factor must be finite, got {factor}")

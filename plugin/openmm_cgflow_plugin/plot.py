@@ -42,6 +42,8 @@ def _ranges(pmf: PMF, points, ranges):
     for k in range(pmf.n_cg):
         if pmf.periodic[k]:
             out.append((-math.pi, math.pi))
+        elif pmf.cg_ranges is not None and k < len(pmf.cg_ranges):
+            out.append(tuple(pmf.cg_ranges[k]))  # the domain it was trained on: beyond it the spread only grows
         elif points is not None and len(points):
             lo, hi = float(np.min(points[:, k])), float(np.max(points[:, k]))
             pad = 0.15 * max(hi - lo, 1e-3)
@@ -65,7 +67,8 @@ def plot_pmf(pmf_path_or_model, png_path, points=None, threshold: Optional[float
         png_path: output file (folders are created).
         points: optional CG points [M, d] to overlay (e.g. the labelled points of active learning).
         threshold: optional spread threshold (kT), drawn as a contour (2-D) or a line (1-D).
-        n_grid: grid points per axis. ranges: per-axis (low, high); periodic axes default to [-pi, pi).
+        n_grid: grid points per axis. ranges: per-axis (low, high); periodic axes default to [-pi, pi),
+            non-periodic ones to the file's ``cg_ranges`` (the domain it was trained on), else the points +- 15 %.
         vmax: upper limit (kT) of the mean's colour scale (default: min(max, 99th percentile + 2)).
     2-D: two panels (mean with minimum 0, spread). 1-D: mean with a +-spread band above, spread below.
     Returns ``png_path``.
@@ -82,7 +85,8 @@ def plot_pmf(pmf_path_or_model, png_path, points=None, threshold: Optional[float
     rng = _ranges(pmf, pts, ranges)
     centres, mean, spread = pmf.grid(n_grid, rng)
     mean = mean - np.min(mean)
-    fig = Figure(figsize=(11, 4.6) if pmf.n_cg == 2 else (7, 6))
+    # constrained layout keeps axis labels and colour bars inside the figure (tight_layout cut the phi label)
+    fig = Figure(figsize=(11, 4.6) if pmf.n_cg == 2 else (7, 6), layout="constrained")
     FigureCanvasAgg(fig)
     if pmf.n_cg == 2:
         top = float(np.percentile(mean, 99)) + 2.0
@@ -129,7 +133,6 @@ def plot_pmf(pmf_path_or_model, png_path, points=None, threshold: Optional[float
         ax1.set_xlim(*rng[0])
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     png_path = os.fspath(png_path)
     with atomic_write(png_path) as fh:
         fig.savefig(fh, format="png", dpi=dpi)
