@@ -16,7 +16,7 @@ from .ensemble_fit import fit_ensemble
 __all__ = ["fit_to_reference"]
 
 
-def fit_to_reference(name: str = "alanine-dipeptide", n_labels: int = 2000, noise_kT: float = 0.0, seed: int = 0,
+def fit_to_reference(name: str, n_labels: int = 2000, noise_kT: float = 0.0, seed: int = 0,
                      **fit_kwargs) -> tuple[PMFEnsemble, dict]:
     """An ensemble fitted to the packaged reference PMF of the registered system ``name``.
 
