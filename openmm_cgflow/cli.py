@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 
-from . import __version__, metrics, registry, systems
+from . import __version__, registry, systems
 from .backmap_output import backmap_file
 from .executors import BridgeError
 from .learner import PMFLearner
@@ -193,31 +193,29 @@ def _default_reference(name: str):
     return name if registry.entry(name).reference is not None else None
 
 
-def resolve_reference(reference, default, cgsystem):
+def resolve_reference(reference, default):
     """The run's reference from a ``--reference`` value ("auto": ``default``; "none"/None: no reference; a system
-    name or an .npz), loaded and checked against ``cgsystem``'s CG coordinates now, before any work."""
+    name or an .npz). :class:`~openmm_cgflow.learner.PMFLearner` loads it and checks it against the system's CG
+    coordinates before any work."""
     if reference == "auto":
         reference = default
     elif reference in ("none", None):
         return None
-    if reference is None:
-        return None
     if isinstance(reference, str) and reference.endswith(".npz") and not os.path.isfile(reference):
         raise FileNotFoundError(f"reference file not found: {reference}")
-    metrics.check_reference(reference, cgsystem.cg_periodic, cgsystem.cg_names)
     return reference
 
 
 def build_learner(target: str, out: str, overrides: dict, reference="auto", progress=True, plots=True,
                   overwrite: bool = False, notices: list | None = None):
-    """The :class:`~openmm_cgflow.learner.PMFLearner` for a CLI target; all input is checked here, before any
-    work (settings, reference, output directory). ``overwrite`` lets the run replace the results of another run
-    in ``out`` (see PMFLearner). ``notices`` collects one-line notices about inputs that run code."""
+    """The :class:`~openmm_cgflow.learner.PMFLearner` for a CLI target; all input is checked before any work
+    (the config here; settings, reference and output directory by PMFLearner). ``overwrite`` lets the run
+    replace the results of another run in ``out`` (see PMFLearner). ``notices`` collects one-line notices about
+    inputs that run code."""
     cgsystem, settings, default_ref = load_config(target, notices)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     st = LearnerSettings.for_system(cgsystem, **settings)
-    st.validate(cgsystem)
-    reference = resolve_reference(reference, default_ref, cgsystem)
+    reference = resolve_reference(reference, default_ref)
     return PMFLearner(cgsystem, out, st, reference=reference, progress=progress, plots=plots, overwrite=overwrite)
 
 

@@ -276,7 +276,7 @@ class RunDirectory:
 
     def remove_run_files(self) -> list[str]:
         """Delete the run's own files (see :meth:`claim`); returns the names removed."""
-        removed = []
+        removed = self.remove_temp_files()
         for name in RESULT_FILES + ("run.json",):
             if os.path.exists(os.path.join(self.path, name)):
                 os.remove(os.path.join(self.path, name))
@@ -284,12 +284,11 @@ class RunDirectory:
         for folder, pattern in ((self.snapshots_dir, _SNAPSHOT), (self.plots_dir, _PLOT)):
             if os.path.isdir(folder):
                 for name in os.listdir(folder):
-                    if pattern.match(name) or name.startswith(TEMP_PREFIX):
+                    if pattern.match(name):
                         os.remove(os.path.join(folder, name))
                         removed.append(os.path.join(os.path.basename(folder), name))
                 if not os.listdir(folder):
                     os.rmdir(folder)
-        removed += self.remove_temp_files()
         return removed
 
     def remove_temp_files(self) -> list[str]:
