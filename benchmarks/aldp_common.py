@@ -1,9 +1,10 @@
-"""Shared pieces of the alanine-dipeptide benchmarks (reference metadynamics, plain-MD baseline).
+"""Shared pieces of the alanine-dipeptide benchmarks (reference metadynamics, plain-MD baseline, baselines.py).
 
 System: amber96.xml + amber96_obc.xml, NoCutoff, no constraints, 300 K, from
 openmm_cgflow/data/alanine-dipeptide.pdb. Units: nm, kJ/mol, K, ps, radians (IUPAC/mdtraj sign).
 Built here directly (not through openmm_cgflow.systems) so the reference depends on nothing but OpenMM (and
-the plugin's gas constant).
+the plugin's gas constant). :func:`build_registered` builds any registered variant (e.g.
+"alanine-dipeptide-customgb") the same way for benchmarks/baselines.py.
 """
 
 from __future__ import annotations
@@ -51,6 +52,34 @@ def build_system(hydrogen_mass: float | None = None):
     system = ff.createSystem(pdb.topology, **kw)
     pos = np.array(pdb.positions.value_in_unit(unit.nanometer), dtype=np.float64)
     return system, pdb.topology, pos
+
+
+def repartition_hydrogen_mass(system: openmm.System, topology, hydrogen_mass: float) -> openmm.System:
+    """Set every hydrogen bonded to a heavy atom to ``hydrogen_mass`` (amu), taking the difference from that
+    atom, in place (what ``ForceField.createSystem(hydrogenMass=...)`` does). Returns ``system``."""
+    for a, b in topology.bonds():
+        if a.element is app.element.hydrogen:
+            a, b = b, a
+        if b.element is app.element.hydrogen and a.element not in (app.element.hydrogen, None):
+            transfer = hydrogen_mass * unit.amu - system.getParticleMass(b.index)
+            system.setParticleMass(b.index, hydrogen_mass * unit.amu)
+            system.setParticleMass(a.index, system.getParticleMass(a.index) - transfer)
+    return system
+
+
+def build_registered(name: str, hydrogen_mass: float | None = None):
+    """(system, topology, positions [n, 3] nm, cg_atoms) of the registered system ``name`` (a fresh copy of its
+    System, hydrogen masses repartitioned to ``hydrogen_mass`` amu when given); cg_atoms: its CG dihedral quads.
+    For "alanine-dipeptide" this is the same System as :func:`build_system` (checked in tests/test_baselines.py)."""
+    from openmm_cgflow import builtin
+
+    mol = builtin(name)
+    if not mol.cg_atoms or not all(mol.cg_periodic):
+        raise ValueError(f"{name}: the baselines need periodic dihedral CG coordinates, got {mol.cg_names}")
+    system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(mol.system))
+    if hydrogen_mass is not None:
+        repartition_hydrogen_mass(system, mol.topology, hydrogen_mass)
+    return system, mol.topology, np.array(mol.positions, dtype=np.float64), [tuple(q) for q in mol.cg_atoms]
 
 
 def make_platform(name: str):

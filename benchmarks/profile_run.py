@@ -186,14 +186,14 @@ class PhaseClock:
 
 def _patch(clock: PhaseClock):
     """Wrap the phase entry points; returns a function that undoes it."""
-    from openmm_cgflow import bridge, learner, metrics, reporting, run_directory, training
+    from openmm_cgflow import bridge, labelling, learner, metrics, reporting, run_directory, training
 
     targets = [
         (training.Trainer, "train_by_energy", "flow training"),
         (bridge.EnergyBridge, "energy_and_forces", "energy (bridge)", lambda self, xyz: len(xyz)),
         (learner.PMFLearner, "_trainer", "other: trainer set-up"),
         (bridge.EnergyBridge, "__init__", "other: bridge start-up"),
-        (learner, "free_energy", "labels"),
+        (labelling, "free_energy", "labels"),
         (learner, "fit_ensemble", "ensemble fit"),
         (learner, "export_pmf", "ensemble fit"),
         (learner.PMFLearner, "_explore", "CG dynamics"),

@@ -25,7 +25,7 @@ from .backmap_output import backmap_file
 from .importance import weighted_estimate
 from .bridge import EnergyBridge
 # The built-in systems register themselves on import.
-from . import alanine_dipeptide, mueller_brown  # noqa: E402,F401
+from . import alanine_dipeptide, alanine_tetrapeptide, analytic, mueller_brown  # noqa: E402,F401
 
 __all__ = ["PMFLearner", "LearnerSettings", "builtin", "from_openmm", "from_pdb", "backmap", "load_model",
            "register_system", "CGSystem", "save_model", "backmap_file", "weighted_estimate", "EnergyBridge",

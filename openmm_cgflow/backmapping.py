@@ -52,7 +52,7 @@ from .alignment import alignment_atoms, centred_reference, superpose
 from .cg_input import CGFrames, OutsideDomainError, cg_frames, check_cg_values, md_topology
 from .flow import resolve_device
 from .importance import draw, log_normalise, weighted_estimate, weighted_histogram
-from .threads import run_threads, torch_threads
+from .threads import thread_steps, tuner_for
 
 __all__ = ["BackmapChunk", "BackmapInputs", "BackmapOptions", "BackmapResult", "backmap", "iter_backmap",
            "iter_chunks", "resolve_inputs", "training_domain"]
@@ -262,7 +262,7 @@ def iter_chunks(inputs: BackmapInputs, opts: BackmapOptions, bridge=None,
     flow.eval()
     batch_size = max(1, int(opts.batch_size))
     per_chunk = max(1, batch_size // n)
-    threads = run_threads(None)  # 1 intra-op thread unless OMP_NUM_THREADS is set; restored after each chunk
+    tuner = tuner_for(None)  # measured thread count unless OMP_NUM_THREADS is set; restored after each chunk
     bar = tqdm(total=len(frames), unit="frame", desc="backmap", disable=not opts.progress, leave=False)
     try:
         for f0 in range(0, len(frames), per_chunk):
@@ -270,7 +270,7 @@ def iter_chunks(inputs: BackmapInputs, opts: BackmapOptions, bridge=None,
             nf = f1 - f0
             s64 = torch.as_tensor(frames.s[f0:f1]).repeat_interleave(n, dim=0)
             # flow passes of at most batch_size samples (n_per_frame > batch_size: one frame in pieces)
-            with torch_threads(threads):  # torch next to the energy workers: no oversubscribed cores
+            with thread_steps(tuner, work=len(s64)):  # the flow waits for the workers and they for it
                 parts = [_draw(flow, coords, bridge, s64[i : i + batch_size], generator, opts)
                          for i in range(0, len(s64), batch_size)]
             x, lw, nonfinite, wrong = (torch.cat([p[k] for p in parts]).cpu().numpy() for k in range(4))

@@ -222,7 +222,8 @@ def build_learner(target: str, out: str, overrides: dict, reference="auto", prog
 def _cmd_run(args) -> int:
     overrides = {"threshold_kT": args.threshold, "seed": args.seed, "max_iterations": args.max_iterations,
                  "max_evaluations": args.max_evaluations, "n_workers": args.workers,
-                 "scheduler": args.scheduler, "chunk_timeout": args.chunk_timeout, "device": args.device}
+                 "scheduler": args.scheduler, "chunk_timeout": args.chunk_timeout, "device": args.device,
+                 "energy_platform": args.energy_platform}
     notices = []
     try:
         learner = build_learner(args.target, args.out, overrides, reference=args.reference, progress=not args.quiet,
@@ -263,7 +264,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="learn a PMF by active learning into a run directory (resumes if present)")
-    run.add_argument("target", help="registered system (built in: mueller-brown, alanine-dipeptide, proline-dipeptide) "
+    run.add_argument("target", help="registered system (built in: mueller-brown, alanine-dipeptide, "
+                                    "alanine-dipeptide-customgb, proline-dipeptide, alanine-tetrapeptide, analytic-4d) "
                                     "or a .toml config")
     run.add_argument("--out", required=True, help="run directory (pmf.pt, flow.pt, iterations.jsonl, plots/, checkpoint.pt)")
     run.add_argument("--threshold", type=float, help="ensemble spread (kT) that marks a CG point uncertain (default 0.2)")
@@ -275,6 +277,9 @@ def main(argv=None) -> int:
                                          "workers instead of local processes (needs openmm-cgflow[dask])")
     run.add_argument("--chunk-timeout", type=float,
                      help="seconds after which a chunk of energies is resubmitted to another worker (default: none)")
+    run.add_argument("--energy-platform", choices=["Reference", "CPU"],
+                     help="OpenMM platform of the energy workers (default: the system's, Reference for the built-ins "
+                          "except alanine-dipeptide-customgb)")
     run.add_argument("--device", help="where the flow trains and samples: cpu (default) or cuda[:N]; energies stay on "
                                       "the CPU workers")
     run.add_argument("--reference", default="auto",

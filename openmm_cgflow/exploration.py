@@ -1,7 +1,8 @@
 """Where to look next: geometry of the CG space and the CG-walker search for uncertain points.
 
 * :func:`periodic_distance`, :func:`farthest_points` (greedy farthest-point sampling with minimum-image
-  distances), :func:`neighbourhood` (uniform points in a ball around centres), :func:`clip_to_domain` and
+  distances, per coordinate: the d-torus metric), :func:`neighbourhood` (points uniform in a d-dimensional
+  ball around centres), :func:`clip_to_domain` and
   :func:`in_domain` (the box of the non-periodic coordinates outside of which nothing is explored);
 * :func:`find_uncertain`: CG walkers in OpenMM (``openmm_cgflow_plugin.CGDynamics``) on an exported
   ``pmf.pt`` run until they reach points where the ensemble spread exceeds a threshold.
@@ -34,6 +35,7 @@ def farthest_points(points: np.ndarray, k: int, periodic, rng: np.random.Generat
     """Indices of ``k`` mutually distant rows of points [N, d] (greedy farthest-point sampling).
 
     With ``existing`` [M, d], the first pick is the point farthest from them; otherwise a random one.
+    Distances to ``existing`` are taken in blocks (memory ~ 2e6 floats, whatever N, M and d).
     """
     points = np.asarray(points, dtype=np.float64)
     n = len(points)
@@ -41,7 +43,12 @@ def farthest_points(points: np.ndarray, k: int, periodic, rng: np.random.Generat
         return np.zeros(0, dtype=int)
     k = min(int(k), n)
     if existing is not None and len(existing):
-        dmin = periodic_distance(points[:, None, :], np.asarray(existing)[None, :, :], periodic).min(1)
+        existing = np.asarray(existing, dtype=np.float64)
+        dmin = np.full(n, np.inf)
+        block = max(1, 2_000_000 // (n * points.shape[1]))
+        for i in range(0, len(existing), block):
+            near = periodic_distance(points[:, None, :], existing[None, i:i + block, :], periodic).min(1)
+            dmin = np.minimum(dmin, near)
         first = int(np.argmax(dmin))
     else:
         first = int(rng.integers(n))
@@ -57,7 +64,8 @@ def farthest_points(points: np.ndarray, k: int, periodic, rng: np.random.Generat
 
 def neighbourhood(centres: np.ndarray, n_per_centre: int, radius: float, periodic, rng: np.random.Generator,
                   domain=None) -> np.ndarray:
-    """Points uniform in a ball of ``radius`` around each centre [C, d] -> [C * n_per_centre, d].
+    """Points uniform in a d-dimensional ball of ``radius`` around each centre [C, d] -> [C * n_per_centre, d]:
+    direction uniform on the sphere S^(d-1) (normalised Gaussian), distance radius * U^(1/d).
 
     Periodic dims are wrapped to [-pi, pi); non-periodic ones clipped to ``domain`` [(lo, hi), ...].
     """

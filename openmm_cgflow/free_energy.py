@@ -20,6 +20,7 @@ import torch
 from openmm_cgflow_plugin.statistics import kish_ess
 
 from .importance import log_weights
+from .threads import thread_steps
 
 __all__ = ["FreeEnergyLabels", "free_energy"]
 
@@ -49,11 +50,12 @@ class FreeEnergyLabels:
 
 
 def free_energy(flow, cgsystem, bridge, s_points, n_samples: int, batch_size: int = 4096,
-                generator: torch.Generator | None = None) -> FreeEnergyLabels:
+                generator: torch.Generator | None = None, threads=None) -> FreeEnergyLabels:
     """Free-energy labels at CG points s_points [M, n_cg] (radians / nm) from ``n_samples`` flow samples each.
 
     ``cgsystem`` is a CGSystem or a coordinate transform; ``bridge`` an EnergyBridge (or any object with
-    ``energy(x) -> u`` in kT). Samples are drawn in batches of about ``batch_size``. A in kT.
+    ``energy(x) -> u`` in kT). Samples are drawn in batches of about ``batch_size``. A in kT. ``threads``: an
+    optional :class:`~openmm_cgflow.threads.ThreadTuner` choosing torch's thread count per batch.
     """
     s_points = torch.as_tensor(np.asarray(s_points, dtype=np.float64)).reshape(len(s_points), -1)
     m, n = s_points.shape[0], int(n_samples)
@@ -69,7 +71,8 @@ def free_energy(flow, cgsystem, bridge, s_points, n_samples: int, batch_size: in
         for c0 in range(0, n, batch_size):  # points with more samples than batch_size: split the samples
             c1 = min(n, c0 + batch_size)
             s = pts.repeat_interleave(c1 - c0, dim=0)
-            lw, nf, wr = log_weights(flow, cgsystem, bridge, s, generator)
+            with thread_steps(threads, work=len(s)):
+                lw, nf, wr = log_weights(flow, cgsystem, bridge, s, generator)
             log_w[p0 : p0 + len(pts), c0:c1] = lw.reshape(len(pts), c1 - c0).cpu()
             bad[p0 : p0 + len(pts)] += nf.reshape(len(pts), -1).sum(1).cpu()
             wrong[p0 : p0 + len(pts)] += wr.reshape(len(pts), -1).sum(1).cpu()

@@ -5,7 +5,7 @@ One iteration (Schopmans & Friederich, ICML 2024), :meth:`PMFLearner.step`, in n
 1. *train*: the conditional flow q(fine | s) by energy at the pending CG points plus a replayed share of the
    earlier ones (so it does not forget), replaying preferentially the points whose labels had a low ESS;
 2. *label*: free-energy labels A(s) (kT) at the pending points by importance sampling of the flow; the
-   replayed points are relabelled and keep whichever label has the higher effective sample size;
+   replayed points are relabelled with the flow just trained there (the new label replaces the old);
 3. *fit*: the PMF ensemble to all labels so far;
 4. *export*: after checking that the labels, the ensemble (at the labels, the CG points and a grid over
    the ranges) and the flow are finite (else FloatingPointError naming the cause, nothing written), the
@@ -19,20 +19,21 @@ The iteration then commits as one set (``checkpoint.pt`` first, naming the hashe
 ``flow.pt`` and ``iterations.jsonl``, then those files; see :class:`~openmm_cgflow.run_directory.RunDirectory`)
 and is reported to the reporters (:mod:`openmm_cgflow.reporting`).
 
-The run stops by itself when the walkers find no point above the threshold within their CG-step budget
-(no ground truth needed), or on the iteration / energy-evaluation budgets. Running again with the same
-directory resumes after the last committed iteration (a crash inside one is repaired first), and the same
-seed gives the same result whether or not the run was interrupted. A learner holds the run directory's
-lock from its creation until :meth:`PMFLearner.close` (``run`` and ``refine`` close it when they end and
-take it again when called again); a second learner on a locked directory is refused. While it runs, torch
-uses the thread count of :func:`openmm_cgflow.threads.run_threads` (one thread unless ``torch_threads``
-or ``OMP_NUM_THREADS`` says otherwise), restored afterwards.
+The run stops by itself when the walkers find no point above the threshold within their CG-step budget, or
+when the PMF stopped changing (``change_tolerance_kT``; :mod:`openmm_cgflow.convergence`): no ground truth
+needed; or on the iteration / energy-evaluation budgets. An iteration that made the flow worse where it had
+learned is trained again (:mod:`openmm_cgflow.labelling`). Running again with the same directory resumes
+after the last committed iteration (a crash inside one is repaired first), with the same numbers for the same
+seed and thread count. A learner holds the run directory's lock from its creation until
+:meth:`PMFLearner.close`; a second learner on a locked directory is refused. Torch's thread count is measured
+per phase (:mod:`openmm_cgflow.threads`) unless ``torch_threads`` or ``OMP_NUM_THREADS`` fixes it.
 
 Units: CG coordinates in radians (dihedrals) or nm (others), free energies and spreads in kT.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -45,24 +46,29 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .bridge import EnergyBridge
+from .cpu_time import CPUMeter
 from .executors import BridgeError
 from .ensemble import PMFEnsemble, default_ranges, export_pmf
 from .ensemble_fit import fit_ensemble
+from .convergence import change_says_stop, pmf_change
 from .exploration import clip_to_domain, farthest_points, find_uncertain, neighbourhood
+from .finite_checks import LABEL_LIMIT_KT, check_ensemble, check_finite_parameters, check_labels, probe_grid
 from .flow import flow_for, resolve_device
-from .free_energy import free_energy
+from .labelling import DEGRADED_ESS_RATIO, draw_labels, merge_labels, relabel_ess_ratio
 from .model_io import model_bytes, system_from_dict, system_to_dict
 from .reporting import ConsoleReporter, PlotReporter
-from .run_directory import RunDirectory
+from .run_directory import RunDirectory, json_ready
 from .safe_files import to_numpy
-from .settings import DTYPES, LearnerSettings
-from .threads import run_threads, torch_threads
+from .settings import DTYPES, ENERGY_PLATFORMS, LearnerSettings
+from .threads import run_threads, torch_threads, tuner_for
 from .training import Trainer
 
 __all__ = ["PMFLearner", "LABEL_LIMIT_KT"]
 
-#: Largest |free-energy label| (kT) the ensemble is fitted to; larger ones mean the energies overflowed.
-LABEL_LIMIT_KT = 1e6
+#: An iteration whose relabelled points' ESS fell below DEGRADED_ESS_RATIO of their earlier labels' (median;
+#: :mod:`openmm_cgflow.labelling`) made the flow worse where it had learned: it is trained again from the
+#: previous flow at half the learning rate, at most MAX_RETRAINS times; the earlier labels are then kept.
+MAX_RETRAINS = 1
 
 #: Keys a checkpoint must hold to be resumed.
 CHECKPOINT_KEYS = ("system", "settings", "iteration", "points", "label_s", "labels", "pending", "evaluations",
@@ -135,6 +141,8 @@ class PMFLearner:
         self.flow = flow_for(cgsystem, dtype=DTYPES[st.flow_dtype], seed=st.seed, **st.flow_kwargs).to(
             resolve_device(st.device))
         self._bridge = None
+        # torch's thread count, measured per phase unless the user fixed it (see openmm_cgflow.threads)
+        self._tuners = {"train": tuner_for(st.torch_threads), "label": tuner_for(st.torch_threads)}
         self.trainer = None
         self.ensemble: PMFEnsemble | None = None  # the ensemble of the last fit (pmf.pt holds its export)
         # state (all that a checkpoint holds)
@@ -150,6 +158,7 @@ class PMFLearner:
         self.stop_reason = ""
         self._optimizer_state = None
         self._step_count = 0
+        self.lr_scale = 1.0  # halved when an iteration had to be trained again (see DEGRADED_ESS_RATIO)
 
     # ------------------------------------------------------------------ paths
     @property
@@ -183,8 +192,8 @@ class PMFLearner:
         if self._bridge is None:
             st = self.settings
             self._bridge = EnergyBridge(self.cgsystem.system, self.cgsystem.temperature, n_workers=st.n_workers,
-                                        scheduler=st.scheduler, chunk_timeout=st.chunk_timeout,
-                                        worker_wait=st.worker_wait)
+                                        platform=st.energy_platform, properties=ENERGY_PLATFORMS[st.energy_platform],
+                                        scheduler=st.scheduler, chunk_timeout=st.chunk_timeout, worker_wait=st.worker_wait)
         return self._bridge
 
     def close(self) -> None:
@@ -197,8 +206,13 @@ class PMFLearner:
         self.run_directory.release()
 
     def _threads(self):
-        """The torch thread count while this learner works (see :mod:`openmm_cgflow.threads`)."""
+        """The user's fixed torch thread count while this learner works, if any (see :mod:`openmm_cgflow.threads`)."""
         return torch_threads(run_threads(self.settings.torch_threads))
+
+    def _phase_threads(self):
+        """Torch threads for the untuned phases (fit, export, walkers): the training tuner's choice so far."""
+        tuner = self._tuners["train"]
+        return torch_threads(tuner.best if tuner is not None else None)
 
     def __enter__(self):
         return self
@@ -210,9 +224,10 @@ class PMFLearner:
         if self.trainer is None:
             st = self.settings
             self.trainer = Trainer(
-                self.flow, self.cgsystem, self.bridge, lr=st.lr, warmup_steps=st.warmup_steps,
+                self.flow, self.cgsystem, self.bridge, lr=st.lr, warmup_steps=st.warmup_steps, warmup_each_call=True,
                 drop_worst=st.drop_worst, forward_weight=st.forward_weight, samples_per_point=st.samples_per_point,
                 points_per_batch=st.points_per_batch, seed=st.seed, progress=self.progress,
+                threads=self._tuners["train"],
             )
             if self._optimizer_state is not None:
                 self.trainer.optimizer.load_state_dict(self._optimizer_state)
@@ -260,7 +275,7 @@ class PMFLearner:
         finally:
             bar.close()
             self.close()
-        if self.converged:
+        if self.converged and not self.stop_reason:
             self.stop_reason = "no CG point above the spread threshold within the walkers' budget"
         self.log(f"stopped: {self.stop_reason}; pmf: {self.pmf_path}")
         return self.pmf_path
@@ -305,27 +320,60 @@ class PMFLearner:
         gen = torch.Generator().manual_seed(int(np.random.default_rng([st.seed, k, 3]).integers(2**62)))
         evals0 = self.bridge.n_evaluations
 
-        replay_idx = self._train(new, rng, gen)
-        record = self._label(new, replay_idx, gen)
+        phase_s = {"train": 0.0, "label": 0.0}
+        before = self._flow_state()
+        retrained = 0
+        while True:
+            t = time.perf_counter()
+            replay_idx = self._train(new, rng, gen)
+            phase_s["train"], t = phase_s["train"] + time.perf_counter() - t, time.perf_counter()
+            labels, again = draw_labels(self.flow, self.cgsystem, self.bridge, new, self.label_s[replay_idx],
+                                        st.label_samples, gen, threads=self._tuners["label"])
+            phase_s["label"] += time.perf_counter() - t
+            ratio = relabel_ess_ratio(self.labels["ess"][replay_idx], again)
+            if ratio >= DEGRADED_ESS_RATIO or retrained >= MAX_RETRAINS:
+                break
+            # The flow got worse where it had been trained before: start the iteration again from the
+            # previous flow at half the learning rate (kept for the rest of the run).
+            self.log(f"iteration {k}: the relabelled points' ESS fell to {ratio:.2f} of their earlier labels' "
+                     f"(median); training again from the previous flow at half the learning rate")
+            self._restore_flow_state(before)
+            self.lr_scale *= 0.5
+            retrained += 1
+        t = time.perf_counter()
+        record = self._add_labels(new, replay_idx, labels, again, keep_old=ratio < DEGRADED_ESS_RATIO)
+        record.update(relabel_ess_ratio=ratio, retrained=retrained, lr_scale=self.lr_scale)
         self._check_labels(k)
-        ensemble = self._fit(rng)
-        self._check_ensemble(k, ensemble)
-        self.ensemble = ensemble
-        snapshot = self._export(k)
-        if explore:
-            record.update(self._explore(rng, snapshot))
-        else:
-            _, spread = self.mean_and_spread(self.label_s)
-            record.update(max_spread_kT=float(spread.max()), mean_spread_kT=float(spread.mean()), uncertain_found=0)
-            self.pending = None
+        phase_s["label"] += time.perf_counter() - t
+        with self._phase_threads():
+            ensemble = self._fit(rng)
+            self._check_ensemble(k, ensemble)
+            previous = self.ensemble if self.ensemble is not None else self._exported_pmf()
+            self.ensemble = ensemble
+            phase_s["fit"], t = time.perf_counter() - t, time.perf_counter()
+            record.update(self._convergence(previous))
+            snapshot = self._export(k)
+            if explore:
+                record.update(self._explore(rng, snapshot))
+            else:
+                _, spread = self.mean_and_spread(self.label_s)
+                record.update(max_spread_kT=float(spread.max()), mean_spread_kT=float(spread.mean()),
+                              uncertain_found=0)
+                self.pending = None
+            phase_s["explore"] = time.perf_counter() - t
+        record["phase_s"] = {key: round(val, 3) for key, val in phase_s.items()}
+        record["train_cpu_load"] = round(float(self._train_load), 3)  # mean busy cores while the flow trained
+        record["torch_threads"] = {phase: (dict(sorted(tuner.choices.items())) if tuner is not None else None)
+                                   for phase, tuner in self._tuners.items()}
         self.evaluations += self.bridge.n_evaluations - evals0
         self.wall_s += time.perf_counter() - t0
+        self._check_change(record)
         record["energy_evaluations"] = int(self.evaluations)
         record["wall_s"] = round(self.wall_s, 3)
         record["converged"] = bool(self.converged)
         if self._reference_data is not None:
             record["kld"] = float(metrics.kld_from_pmf(lambda p: self.mean_and_spread(p)[0], self._reference_data))
-        record = _json_ready(record)
+        record = json_ready(record)
         self.history.append(record)
         self.iteration = k + 1
         self.run_directory.commit_iteration(k, self._state(), model_bytes(self.flow, self.cgsystem, iteration=k),
@@ -349,32 +397,21 @@ class PMFLearner:
         else:
             train_pts = new
         epochs = st.first_epochs if self.iteration == 0 else st.epochs
-        self._trainer().train_by_energy(train_pts, epochs, lr_final=st.lr_final, lr=st.lr, generator=gen,
-                                        energy=self.bridge)
-        _check_finite_parameters(self.flow)
+        executor = getattr(self.bridge, "executor", None)  # local worker processes have pids; a cluster's do not
+        with CPUMeter(getattr(executor, "pids", ())) as meter:
+            self._trainer().train_by_energy(train_pts, epochs, lr_final=st.lr_final * self.lr_scale,
+                                            lr=st.lr * self.lr_scale, generator=gen, energy=self.bridge)
+        self._train_load = meter.load
+        check_finite_parameters(self.flow)
         return replay_idx
 
-    def _label(self, new: np.ndarray, replay_idx: np.ndarray, gen: torch.Generator) -> dict:
-        """Labels at the new points (appended) and at the replayed ones (kept if their ESS is higher);
-        returns the first part of the iteration record."""
-        st = self.settings
+    def _add_labels(self, new: np.ndarray, replay_idx: np.ndarray, labels, again, keep_old: bool = False) -> dict:
+        """Store the iteration's labels (:func:`~openmm_cgflow.labelling.merge_labels`); returns the first part
+        of the iteration record."""
         k = self.iteration
-        labels = free_energy(self.flow, self.cgsystem, self.bridge, new, st.label_samples, generator=gen)
-        n_relabelled = 0
-        if len(replay_idx):
-            again = free_energy(self.flow, self.cgsystem, self.bridge, self.label_s[replay_idx], st.label_samples,
-                                generator=gen)
-            better = np.isfinite(again.A) & np.isfinite(again.stderr) & (again.ess_fraction > self.labels["ess"][replay_idx])
-            for key, val in (("A", again.A), ("stderr", again.stderr), ("ess", again.ess_fraction)):
-                self.labels[key][replay_idx[better]] = val[better]
-            self.labels["iteration"][replay_idx[better]] = k
-            n_relabelled = int(better.sum())
-        good = np.isfinite(labels.A) & np.isfinite(labels.stderr)
+        self.label_s, n_relabelled, good = merge_labels(self.labels, self.label_s, replay_idx, labels, again, k,
+                                                        keep_old=keep_old)
         self.points = np.concatenate([self.points, new])
-        self.label_s = np.concatenate([self.label_s, labels.s[good]])
-        for key, val in (("A", labels.A[good]), ("stderr", labels.stderr[good]), ("ess", labels.ess_fraction[good]),
-                         ("iteration", np.full(int(good.sum()), k))):
-            self.labels[key] = np.concatenate([self.labels[key], val])
         if len(self.label_s) < 2:
             raise RuntimeError("fewer than two usable free-energy labels: the flow produced no finite samples")
         n_wrong = int(labels.n_wrong_chirality.sum())
@@ -385,10 +422,23 @@ class PMFLearner:
                 "mean_ess_all_labels": float(np.mean(self.labels["ess"])),
                 "wrong_chirality_fraction": n_wrong / float(labels.n_samples * len(new))}
 
+    def _flow_state(self) -> dict:
+        """Copies of the flow's and the optimiser's state (to start an iteration again)."""
+        trainer = self._trainer()
+        return {"flow": {k: v.detach().clone() for k, v in self.flow.state_dict().items()},
+                "optimizer": copy.deepcopy(trainer.optimizer.state_dict()), "step_count": trainer.step_count}
+
+    def _restore_flow_state(self, state: dict) -> None:
+        self.flow.load_state_dict(state["flow"])
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.trainer.step_count = state["step_count"]
+
     def _fit(self, rng: np.random.Generator) -> PMFEnsemble:
         """The PMF ensemble fitted to all labels so far."""
         return fit_ensemble(self.label_s, self.labels["A"], self.labels["stderr"], self.periodic,
-                            n_models=self.settings.n_models, seed=int(rng.integers(2**31)))
+                            n_models=self.settings.n_models, steps=self.settings.fit_steps,
+                            hidden=tuple(self.settings.ensemble_hidden),
+                            seed=int(rng.integers(2**31)))
 
     def _export(self, k: int) -> str:
         """The snapshot pmfs/pmf_NNN.pt of the ensemble (published as pmf.pt when the iteration commits);
@@ -403,29 +453,13 @@ class PMFLearner:
         self.run_directory.save_flow(self.flow, self.cgsystem, iteration=k)
 
     def _check_labels(self, k: int) -> None:
-        """FloatingPointError if a label is beyond :data:`LABEL_LIMIT_KT` (energies overflowed)."""
-        big = ~(np.abs(self.labels["A"]) <= LABEL_LIMIT_KT)
-        if big.any():
-            worst = int(np.argmax(np.abs(self.labels["A"])))
-            raise FloatingPointError(
-                f"labels overflowed in iteration {k}: {int(big.sum())} labels with |A| > {LABEL_LIMIT_KT:g} kT "
-                f"(e.g. A = {self.labels['A'][worst]:.3g} kT at s = {np.round(self.label_s[worst], 3).tolist()}): the "
-                f"energies there are astronomically large (CG points far outside the physical region? check domain "
-                f"and start); nothing was exported, {self._intact(k)}")
+        check_labels(self.labels["A"], self.label_s, k, self._intact(k))
 
     def _check_ensemble(self, k: int, ensemble: PMFEnsemble) -> None:
-        """FloatingPointError if the fitted ensemble's mean or spread is non-finite at the labels, the CG points
-        or on a grid over its ranges (the flow's parameters were checked right after training)."""
-        probes = [self.label_s, self.points, _grid(self._ranges() or default_ranges(ensemble))]
-        s = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, self.cgsystem.n_cg) for p in probes])
-        with torch.no_grad():
-            mean, spread = ensemble.mean_and_spread(torch.as_tensor(s))
-        bad = ~(torch.isfinite(mean) & torch.isfinite(spread)).numpy()
-        if bad.any():
-            raise FloatingPointError(
-                f"non-finite PMF in iteration {k}: the fitted ensemble's mean or spread is not finite at "
-                f"{int(bad.sum())} of {len(s)} CG points (e.g. s = {np.round(s[np.argmax(bad)], 3).tolist()}); "
-                f"nothing was exported, {self._intact(k)}")
+        """The ensemble finite at the labels, the CG points and a grid over its ranges (the flow's parameters
+        were checked right after training)."""
+        probes = [self.label_s, self.points, probe_grid(self._ranges() or default_ranges(ensemble))]
+        check_ensemble(ensemble, probes, self.cgsystem.n_cg, k, self._intact(k))
 
     def _intact(self, k: int) -> str:
         return (f"the files of iteration {k - 1} in {self.out_dir} are intact" if k
@@ -453,6 +487,39 @@ class PMFLearner:
             stats["new_centres"] = found[idx].tolist()
             self.pending = neighbourhood(found[idx], st.points_per_centre, st.radius, self.periodic, rng, st.domain)
         return stats
+
+    def _check_change(self, record: dict) -> None:
+        """The second stop rule (:func:`~openmm_cgflow.convergence.change_says_stop`)."""
+        st = self.settings
+        if self.converged or self.pending is None:
+            return
+        changes = [r.get("pmf_change_kT") for r in self.history] + [record.get("pmf_change_kT")]
+        if change_says_stop(changes, st.change_tolerance_kT, st.change_patience):
+            self.converged = True
+            self.pending = None
+            self.stop_reason = (f"the PMF changed by less than {st.change_tolerance_kT:g} kT in "
+                                f"{st.change_patience} iteration(s) in a row")
+
+    def _exported_pmf(self):
+        """The last committed pmf.pt (after a resume, when no ensemble is in memory), or None."""
+        if not self._has_pmf():
+            return None
+        from openmm_cgflow_plugin import load_pmf
+
+        return load_pmf(self.pmf_path)
+
+    def _convergence(self, previous) -> dict:
+        """``pmf_change_kT`` since ``previous`` (an ensemble or a loaded pmf.pt; None in the first iteration),
+        on a grid of the CG ranges for d <= 3, else at the labelled points (:mod:`openmm_cgflow.convergence`)."""
+        if previous is None:
+            return {"pmf_change_kT": None}
+        probes = (probe_grid(self._ranges() or default_ranges(self.ensemble)) if self.cgsystem.n_cg <= 3
+                  else self.label_s)
+        s = torch.as_tensor(np.asarray(probes, dtype=np.float64))
+        with torch.no_grad():
+            now = self.ensemble.mean_and_spread(s)[0].numpy()
+            before = np.asarray(previous.mean_and_spread(s if isinstance(previous, PMFEnsemble) else s.numpy())[0])
+        return {"pmf_change_kT": pmf_change(now, before)}
 
     # ------------------------------------------------------------------ the ensemble
     def _has_pmf(self) -> bool:
@@ -490,6 +557,7 @@ class PMFLearner:
             "flow_state": {k: v.detach().cpu().clone() for k, v in self.flow.state_dict().items()},
             "optimizer_state": None if trainer is None else trainer.optimizer.state_dict(),
             "step_count": 0 if trainer is None else trainer.step_count,
+            "lr_scale": self.lr_scale,
         }
 
     def _restore(self, ck: dict) -> None:
@@ -519,6 +587,7 @@ class PMFLearner:
         self.flow.load_state_dict(ck["flow_state"])
         self._optimizer_state = ck["optimizer_state"]
         self._step_count = ck["step_count"]
+        self.lr_scale = float(ck.get("lr_scale", 1.0))
         self.log(f"resuming {self.out_dir} after iteration {self.iteration - 1} "
                  f"({self.evaluations} energy evaluations so far)")
 
@@ -527,38 +596,5 @@ def _system_key(d: dict):
     return d.get("name", d.get("builtin"))
 
 
-def _json_ready(record: dict) -> dict:
-    """The record with every non-finite number replaced by None and flagged (``"<key>_nonfinite": "inf"``),
-    so iterations.jsonl stays strict JSON (e.g. an infinite KLD)."""
-    out = {}
-    for key, val in record.items():
-        if isinstance(val, float) and not np.isfinite(val):
-            out[key] = None
-            out[f"{key}_nonfinite"] = str(val)
-        else:
-            out[key] = val
-    return out
-
-
-def _grid(ranges, n_total: int = 4096) -> np.ndarray:
-    """Probe points over ``ranges`` ((lo, hi) per CG coordinate): a full grid for d <= 3, else ``n_total``
-    points of a fixed pseudo-random design (its own generator: the run's random streams are untouched)."""
-    d = len(ranges)
-    lo = np.array([r[0] for r in ranges], dtype=np.float64)
-    hi = np.array([r[1] for r in ranges], dtype=np.float64)
-    if d <= 3:
-        n = max(2, int(round(n_total ** (1.0 / d))))
-        axes = [np.linspace(a, b, n) for a, b in zip(lo, hi)]
-        return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, d)
-    return lo + (hi - lo) * np.random.default_rng(12345).random((n_total, d))
-
-
 def _differs(a, b) -> bool:
     return json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str)
-
-
-def _check_finite_parameters(flow) -> None:
-    for name, p in flow.named_parameters():
-        if not torch.isfinite(p).all():
-            raise FloatingPointError(f"flow parameter {name} became non-finite during training; "
-                                     "lower the learning rate (the last checkpoint is intact)")

@@ -22,14 +22,14 @@ import os
 from typing import Callable, Sequence, Union
 
 import numpy as np
+# The metric's two primitives live in the plugin (one implementation, usable without the sampler).
+from openmm_cgflow_plugin.marginals import HISTOGRAM_FLOOR, forward_kld, smoothed_probabilities  # noqa: F401
 from openmm_cgflow_plugin.statistics import weighted_histogram
 
 from . import registry
 
 #: Number of bins per periodic dihedral axis of the standard torus grid.
 TORUS_BINS = 100
-#: Floor added to smoothed sample histograms before normalising.
-HISTOGRAM_FLOOR = 1e-12
 
 ArrayLike = Union[np.ndarray, Sequence[float]]
 
@@ -58,30 +58,6 @@ def torus_grid_points(n: int = TORUS_BINS) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------- the metric
-def forward_kld(p_ref: ArrayLike, p_est: ArrayLike) -> float:
-    """Forward KL divergence D(p_ref || p_est) = sum_b p_ref log(p_ref / p_est) in nats.
-
-    Args:
-        p_ref: reference probabilities (or unnormalised non-negative weights) per bin, any shape.
-        p_est: estimated probabilities per bin, same shape; normalised here.
-    Bins with ``p_ref == 0`` are skipped. Returns ``inf`` if ``p_est == 0`` where ``p_ref > 0``.
-    """
-    p = np.asarray(p_ref, dtype=np.float64)
-    q = np.asarray(p_est, dtype=np.float64)
-    if p.shape != q.shape:
-        raise ValueError(f"shape mismatch: p_ref {p.shape} vs p_est {q.shape}")
-    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(q))):
-        raise ValueError("probabilities must be finite")
-    if np.any(p < 0) or np.any(q < 0):
-        raise ValueError("probabilities must be non-negative")
-    p = p / p.sum()
-    q = q / q.sum()
-    mask = p > 0
-    if np.any(q[mask] == 0):
-        return float("inf")
-    return float(np.sum(p[mask] * (np.log(p[mask]) - np.log(q[mask]))))
-
-
 def pmf_to_probabilities(A: ArrayLike) -> np.ndarray:
     """Bin probabilities exp(-A) / sum exp(-A) from a PMF at the bin centres.
 
@@ -107,33 +83,6 @@ def probabilities_to_pmf(p: ArrayLike) -> np.ndarray:
     with np.errstate(divide="ignore"):
         A = -np.log(p)
     return A - A[np.isfinite(A)].min()
-
-
-def _smooth_axis(h: np.ndarray, axis: int, periodic: bool, sigma_bins: float = 1.0) -> np.ndarray:
-    """Convolve ``h`` along ``axis`` with a Gaussian of ``sigma_bins`` bins (truncated at 4 sigma).
-
-    Periodic axes wrap around; non-periodic axes are zero-padded (mass smoothed past the ends is lost,
-    the caller renormalises)."""
-    half = int(np.ceil(4 * sigma_bins))
-    offsets = np.arange(-half, half + 1)
-    kernel = np.exp(-0.5 * (offsets / sigma_bins) ** 2)
-    kernel /= kernel.sum()
-    out = np.zeros_like(h)
-    n = h.shape[axis]
-    for k, o in zip(kernel, offsets):
-        if periodic:
-            out += k * np.roll(h, o, axis=axis)
-        else:
-            shifted = np.zeros_like(h)
-            src = [slice(None)] * h.ndim
-            dst = [slice(None)] * h.ndim
-            if o >= 0:
-                src[axis], dst[axis] = slice(0, n - o), slice(o, n)
-            else:
-                src[axis], dst[axis] = slice(-o, n), slice(0, n + o)
-            shifted[tuple(dst)] = h[tuple(src)]
-            out += k * shifted
-    return out
 
 
 def histogram_probabilities(
@@ -171,10 +120,7 @@ def histogram_probabilities(
         raise ValueError("no samples inside the histogram range")
     if not smooth:
         return h
-    for k in range(d):
-        h = _smooth_axis(h, k, periodic[k])
-    h = h / h.sum() + HISTOGRAM_FLOOR
-    return h / h.sum()
+    return smoothed_probabilities(h, periodic)
 
 
 def torus_histogram(samples: ArrayLike, n: int = TORUS_BINS, smooth: bool = True, weights=None) -> np.ndarray:

@@ -69,7 +69,8 @@ class JsonlReporter(Reporter):
 
 class PlotReporter(Reporter):
     """PNG plots under ``plots/``: the PMF mean and spread of every iteration with the new centres
-    (``pmf_NNN.png``, :func:`openmm_cgflow_plugin.plot_pmf`) and, when records carry a KLD, the KLD against
+    (``pmf_NNN.png``, :func:`openmm_cgflow_plugin.plot_pmf`; for more than two CG coordinates the 2-D
+    marginals of consecutive pairs, :func:`openmm_cgflow_plugin.plot_marginals`) and, when records carry a KLD, the KLD against
     energy evaluations (``kld.png``). A failed plot prints a warning and never ends a run."""
 
     def __init__(self, run_directory):
@@ -77,14 +78,17 @@ class PlotReporter(Reporter):
 
     def report(self, learner, record: dict) -> None:
         try:
-            from openmm_cgflow_plugin import plot_pmf
+            from openmm_cgflow_plugin import plot_marginals, plot_pmf
 
             k = record["iteration"]
             centres = record.get("new_centres")
-            plot_pmf(self.run_directory.pmf_path, self.run_directory.plot_path(f"pmf_{k:03d}.png"),
-                     points=None if centres is None else np.asarray(centres),
-                     threshold=learner.settings.threshold_kT,
-                     title=f"iteration {k}: {len(learner.label_s)} labelled CG points")
+            path = self.run_directory.plot_path(f"pmf_{k:03d}.png")
+            title = f"iteration {k}: {len(learner.label_s)} labelled CG points"
+            if learner.cgsystem.n_cg <= 2:
+                plot_pmf(self.run_directory.pmf_path, path, points=None if centres is None else np.asarray(centres),
+                         threshold=learner.settings.threshold_kT, title=title)
+            else:  # one panel per (phi, psi)-like pair: 2-D marginals, coarse enough for every iteration
+                plot_marginals(self.run_directory.pmf_path, path, n_grid=40, n_quadrature=6, n_mc=400, title=title)
             if any(r.get("kld") is not None for r in learner.history):
                 self.plot_kld(learner.history)
         except Exception as exc:  # a plot must never end a run

@@ -36,6 +36,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -46,7 +47,7 @@ from openmm_cgflow_plugin.files import TEMP_PREFIX, atomic_write
 
 from .safe_files import check_plain, load_plain, to_plain
 
-__all__ = ["RunDirectory", "RunDirectoryError", "RunLockedError", "CHECKPOINT_FORMAT", "RUN_FORMAT",
+__all__ = ["RunDirectory", "json_ready", "RunDirectoryError", "RunLockedError", "CHECKPOINT_FORMAT", "RUN_FORMAT",
            "encode_records", "sha256_file"]
 
 #: Format tag of checkpoint.pt (tensors, numeric arrays and plain data, with the committed files' hashes).
@@ -420,3 +421,16 @@ class RunDirectory:
             return []
         with open(self.iterations_path) as fh:
             return [json.loads(line) for line in fh if line.strip()]
+
+
+def json_ready(record: dict) -> dict:
+    """The record with every non-finite number replaced by None and flagged (``"<key>_nonfinite": "inf"``),
+    so iterations.jsonl stays strict JSON (e.g. an infinite KLD)."""
+    out = {}
+    for key, val in record.items():
+        if isinstance(val, float) and not math.isfinite(val):
+            out[key] = None
+            out[f"{key}_nonfinite"] = str(val)
+        else:
+            out[key] = val
+    return out

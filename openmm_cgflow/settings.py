@@ -18,9 +18,12 @@ import torch
 
 from . import registry
 
-__all__ = ["LearnerSettings", "DTYPES", "SettingsError", "did_you_mean", "estimate_memory", "check_memory",
+__all__ = ["LearnerSettings", "DTYPES", "ENERGY_PLATFORMS", "SettingsError", "did_you_mean", "estimate_memory", "check_memory",
            "physical_memory_bytes"]
 
+#: OpenMM platforms for the energy evaluations, with the properties each worker's Context gets (one thread:
+#: the workers are one process per core).
+ENERGY_PLATFORMS = {"Reference": None, "CPU": {"Threads": "1"}}
 #: Flow parameter dtypes by name.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: Fraction of the physical memory a run's estimated allocations may take (see :func:`check_memory`).
@@ -54,10 +57,10 @@ _FIELD_RULES = (
     ("initial_points", "int", 1), ("initial_radius", "pos", None), ("first_epochs", "int", 0), ("epochs", "int", 0),
     ("samples_per_point", "int", 1), ("points_per_batch", "int", 1), ("lr", "pos", None), ("lr_final", "pos", None),
     ("warmup_steps", "int", 0), ("forward_weight", "nonneg", None), ("drop_worst", "int", 0),
-    ("replay_fraction", "nonneg", None), ("label_samples", "int", 1), ("n_models", "int", 1),
+    ("replay_fraction", "nonneg", None), ("label_samples", "int", 1), ("n_models", "int", 1), ("fit_steps", "int", 1),
     ("max_iterations", "int", 1), ("max_evaluations", "int?", 1), ("n_workers", "int?", 0),
     ("chunk_timeout", "pos?", None), ("worker_wait", "pos", None), ("seed", "int", 0),
-    ("torch_threads", "int?", 1),
+    ("torch_threads", "int?", 1), ("change_tolerance_kT", "pos?", None), ("change_patience", "int", 1),
 )
 
 
@@ -152,16 +155,26 @@ class LearnerSettings:
     ``epochs`` per iteration at the pending points plus ``replay_fraction`` of the earlier ones, with
     ``samples_per_point`` samples per point per epoch, ``points_per_batch`` points per step, learning rate
     ``lr`` decaying to ``lr_final`` within each iteration, ``forward_weight`` (see the Trainer).
-    Labels: ``label_samples`` flow samples per new point. Ensemble: ``n_models`` networks.
+    Labels: ``label_samples`` flow samples per new point. Ensemble: ``n_models`` networks, fitted in
+    ``fit_steps`` Adam steps, each network with hidden layers of the widths ``ensemble_hidden``
+    (:class:`~openmm_cgflow.ensemble_fit.EnsembleFitSettings`).
     Budgets: ``max_iterations``, ``max_evaluations`` (energy evaluations sent to OpenMM; None: no limit).
     Energies: ``n_workers`` local OpenMM worker processes (default one per core), or ``scheduler``, the
     address of a Dask scheduler (e.g. ``"tcp://host:8786"``) whose workers evaluate the energies, with
     ``chunk_timeout`` seconds after which a chunk is resubmitted elsewhere (None: no limit) and
-    ``worker_wait`` seconds to wait for a worker before the run stops with an error.
-    ``seed`` makes a run repeatable (same seed, same numbers, interrupted or not).
-    ``torch_threads``: torch intra-op threads while a run trains, labels and fits; None: 1 unless
-    ``OMP_NUM_THREADS`` is set (:func:`openmm_cgflow.threads.run_threads`), so that the flow does not
-    oversubscribe the cores the energy workers use. ``device``: where the flow trains, samples labels
+    ``worker_wait`` seconds to wait for a worker before the run stops with an error; ``energy_platform``, the
+    OpenMM platform of the energy evaluations ("Reference", the fastest for small implicit-solvent molecules,
+    or "CPU", one thread per worker, faster for costly custom forces such as a CustomGBForce).
+    Stop rule: the run stops by itself when the walkers find no point above ``threshold_kT``, or, with
+    ``change_tolerance_kT``, when the PMF changed by less than that (``pmf_change_kT`` of iterations.jsonl:
+    the exp(-A)-weighted RMS change since the previous iteration, kT) in ``change_patience`` iterations in a
+    row.
+    ``seed`` makes a run repeatable (same seed, same numbers, interrupted or not, for a fixed thread count:
+    ``torch_threads`` or ``OMP_NUM_THREADS``; the measured choice below may round differently).
+    ``torch_threads``: torch intra-op threads while a run trains, labels and fits; None: chosen by
+    measurement per phase between 1 and the usable cores (:class:`openmm_cgflow.threads.ThreadTuner`; the
+    flow and the energy workers take turns, so the flow may use every core when the machine is otherwise
+    idle), unless ``OMP_NUM_THREADS`` is set. ``device``: where the flow trains, samples labels
     and is stored in memory ("cpu", the default, or "cuda"/"cuda:N"; energies stay on the CPU workers).
     """
 
@@ -192,6 +205,8 @@ class LearnerSettings:
     replay_fraction: float = 0.3
     label_samples: int = 256
     n_models: int = 10
+    fit_steps: int = 3000
+    ensemble_hidden: list = field(default_factory=lambda: [64, 64])
     max_iterations: int = 20
     max_evaluations: int | None = None
     n_workers: int | None = None
@@ -201,10 +216,13 @@ class LearnerSettings:
     seed: int = 0
     torch_threads: int | None = None
     device: str | None = None
+    change_tolerance_kT: float | None = None
+    change_patience: int = 2
+    energy_platform: str = "Reference"
 
     #: Settings that say where the work runs, not what is computed: they may change on resume.
     RESOURCE_FIELDS = ("max_iterations", "max_evaluations", "n_workers", "scheduler", "chunk_timeout", "worker_wait",
-                       "torch_threads", "device")
+                       "torch_threads", "device", "energy_platform")
 
     @classmethod
     def for_system(cls, cgsystem, **overrides) -> "LearnerSettings":
@@ -252,11 +270,18 @@ class LearnerSettings:
                 resolve_device(self.device)
             except ValueError as exc:
                 raise SettingsError(f"setting device: {exc}") from None
+        if self.energy_platform not in ENERGY_PLATFORMS:
+            raise SettingsError(f"setting energy_platform must be one of {list(ENERGY_PLATFORMS)}, got "
+                                f"{self.energy_platform!r}{did_you_mean(self.energy_platform, ENERGY_PLATFORMS)}")
         if self.flow_dtype not in DTYPES:
             raise SettingsError(f"setting flow_dtype must be one of {sorted(DTYPES)}, got {self.flow_dtype!r}")
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             raise SettingsError("setting scheduler must be a Dask scheduler address such as 'tcp://host:8786', "
                                 f"got {self.scheduler!r}")
+        if (not isinstance(self.ensemble_hidden, (list, tuple)) or not self.ensemble_hidden
+                or not all(_is_int(h) and h >= 1 for h in self.ensemble_hidden)):
+            raise SettingsError("setting ensemble_hidden must be a list of layer widths (integers >= 1), e.g. [64, 64]; "
+                                f"got {self.ensemble_hidden!r}")
         self._validate_flow_kwargs()
         domain = self._validate_domain(n_cg, periodic)
         self._validate_start(n_cg, periodic, domain, names)

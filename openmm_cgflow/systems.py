@@ -128,53 +128,79 @@ def _positions_nm(positions, n_atoms: int, bonds=()) -> np.ndarray:
     return xyz
 
 
-def _residue_atom(residue, name: str) -> int:
+def _residue_label(residue) -> str:
+    return f"{residue.name}{residue.id}"
+
+
+def _residue_atom(residue, name: str, spec: str) -> int:
     for atom in residue.atoms():
         if atom.name == name:
             return atom.index
-    raise ValueError(f"residue {residue.name}{residue.id} has no atom named {name!r}")
+    raise ValueError(f"CG coordinate {spec!r}: residue {_residue_label(residue)} has no atom named {name!r} "
+                     "(phi/psi need the backbone atoms N, CA and C of an amino-acid residue)")
 
 
-def _find_residue(topology: app.Topology, key: str):
-    """Residue from ``"ALA"`` (must be unique), ``"ALA2"`` (name + id) or ``"2"`` (id)."""
+def _find_residue(topology: app.Topology, key: str, spec: str):
+    """The one residue ``key`` names: ``"ALA"`` (name, must be unique), ``"ALA3"`` (name + PDB residue
+    number) or ``"3"`` (number). ValueError naming the candidates when it is ambiguous or absent."""
     residues = list(topology.residues())
-    matches = [r for r in residues if key in (r.id, f"{r.name}{r.id}")]
+    matches = [r for r in residues if key in (r.id, _residue_label(r))]
+    by = "residue number" if key.isdigit() else "residue"
     if not matches:
         matches = [r for r in residues if r.name == key]
-        if len(matches) > 1:
-            raise ValueError(f"residue name {key!r} is ambiguous ({len(matches)} residues); give name and id, e.g. {key}{matches[0].id}")
+        by = "residue name"
+    if len(matches) > 1:
+        where = [f"{_residue_label(r)} (chain {r.chain.id}, index {r.index})" for r in matches]
+        hint = (f"give name and number, e.g. {spec.partition(':')[0]}:{_residue_label(matches[0])}"
+                if by == "residue name" and len({r.id for r in matches}) == len(matches)
+                else "give the dihedral as four atom indices")
+        raise ValueError(f"CG coordinate {spec!r}: {by} {key!r} is ambiguous, it matches {len(matches)} residues "
+                         f"{where}; {hint}")
     if not matches:
-        raise ValueError(f"no residue {key!r} in the topology (residues: {[f'{r.name}{r.id}' for r in residues]})")
+        known = [_residue_label(r) for r in residues]
+        shown = known if len(known) <= 30 else known[:30] + ["..."]
+        raise ValueError(f"CG coordinate {spec!r}: no residue {key!r} in the topology (residues: {shown}); "
+                         "use a residue name (if unique), name + number such as 'ALA2', or a number such as '2'")
     return matches[0]
 
 
-def _bonded_neighbour(topology: app.Topology, atom_index: int, name: str) -> int:
+def _bonded_neighbour(topology: app.Topology, atom_index: int, name: str, spec: str, residue, side: str) -> int:
     for a1, a2 in topology.bonds():
         for here, there in ((a1, a2), (a2, a1)):
             if here.index == atom_index and there.name == name and there.residue.index != here.residue.index:
                 return there.index
-    raise ValueError(f"atom {atom_index} has no bonded {name!r} atom in a neighbouring residue")
+    raise ValueError(f"CG coordinate {spec!r}: residue {_residue_label(residue)} has no {side} residue bonded to it "
+                     f"(no atom {name!r} of a neighbouring residue bonded to its {'N' if name == 'C' else 'C'}); "
+                     f"{spec.partition(':')[0]} is not defined at a chain end")
 
 
 def resolve_cg(topology: app.Topology, spec: CGSpec) -> tuple[tuple[int, int, int, int], str]:
-    """Atom quadruple and name of one CG dihedral.
+    """Atom quadruple (0-based) and name of one CG dihedral.
 
-    ``spec`` is either four 0-based atom indices or ``"phi:RES"`` / ``"psi:RES"`` where RES names a residue
-    (``"ALA"``, ``"ALA2"`` or ``"2"``): phi = C(i-1)-N-CA-C, psi = N-CA-C-N(i+1), as mdtraj defines them.
+    ``spec`` is either four 0-based atom indices or ``"phi:RES"`` / ``"psi:RES"`` where RES names one residue:
+    ``"ALA"`` (a residue name, only when exactly one residue has it), ``"ALA3"`` (name + PDB residue number)
+    or ``"3"`` (residue number). phi = C(i-1)-N-CA-C, psi = N-CA-C-N(i+1), as mdtraj defines them (its sign,
+    radians). The name is ``"phi"`` / ``"psi"`` for a residue given by its unique name, else the spec itself
+    (``"phi:ALA3"``). ValueError naming the problem for an unknown, ambiguous or terminal residue.
     """
     if isinstance(spec, str):
         kind, _, key = spec.partition(":")
+        key = key.strip()
         if kind not in ("phi", "psi") or not key:
-            raise ValueError(f"CG coordinate {spec!r} not understood: use 'phi:RES', 'psi:RES' or four atom indices")
-        residue = _find_residue(topology, key)
-        n, ca, c = (_residue_atom(residue, name) for name in ("N", "CA", "C"))
+            raise ValueError(f"CG coordinate {spec!r} not understood: use 'phi:RES' or 'psi:RES' (RES a residue "
+                             "name such as 'ALA', name + number 'ALA3' or number '3') or four atom indices")
+        residue = _find_residue(topology, key, spec)
+        n, ca, c = (_residue_atom(residue, name, spec) for name in ("N", "CA", "C"))
         if kind == "phi":
-            quad = (_bonded_neighbour(topology, n, "C"), n, ca, c)
+            quad = (_bonded_neighbour(topology, n, "C", spec, residue, "preceding"), n, ca, c)
         else:
-            quad = (n, ca, c, _bonded_neighbour(topology, c, "N"))
+            quad = (n, ca, c, _bonded_neighbour(topology, c, "N", spec, residue, "following"))
         name = kind if key == residue.name else f"{kind}:{key}"
         return quad, name
-    quad = tuple(int(i) for i in spec)
+    try:
+        quad = tuple(int(i) for i in spec)
+    except (TypeError, ValueError):
+        raise ValueError(f"CG coordinate {spec!r} not understood: use 'phi:RES', 'psi:RES' or four atom indices") from None
     if len(quad) != 4:
         raise ValueError(f"a dihedral CG coordinate needs four atom indices, got {spec!r}")
     return quad, "dihedral(" + ",".join(map(str, quad)) + ")"
@@ -198,7 +224,8 @@ def from_openmm(
         positions: reference structure, [n_atoms, 3] in nm (array or OpenMM Quantity); bare numbers whose
             bonded distances look like angstrom are refused.
         temperature: K (number or Quantity), > 0.
-        cg: CG dihedrals, each four atom indices or ``"phi:RES"`` / ``"psi:RES"``.
+        cg: CG dihedrals, each four atom indices or ``"phi:RES"`` / ``"psi:RES"`` with RES a unique residue
+            name (``"ALA"``), name + number (``"ALA3"``) or number (``"3"``); see :func:`resolve_cg`.
         name: label for logs and files.
         cg_names: optional names overriding the derived ones.
         chiral_centres: optional (centre, a, b, c) quadruples for the chirality check (default: CA atoms).

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .importance import draw, ess_fraction
+from .threads import thread_steps
 
 __all__ = ["Trainer", "reverse_kl_loss", "ess_fraction", "EpochLog"]
 
@@ -125,6 +126,9 @@ class Trainer:
         energy: an EnergyBridge (or any object with ``energy(x) -> u`` in kT); needed for ``train_by_energy``.
         lr: peak Adam learning rate.
         warmup_steps: steps of linear learning-rate warm-up from lr / warmup_steps.
+        warmup_each_call: warm up again at the start of every :meth:`train_by_energy` call (training that
+            resumes on new points: Adam's second-moment estimates lag a sudden change of the gradients' scale,
+            and full-size first steps can derail a trained flow), not only at the first.
         clip: gradient-norm clip.
         drop_worst: largest per-sample losses dropped from each batch.
         forward_weight: weight of the importance-weighted forward-KL term (see :func:`reverse_kl_loss`).
@@ -133,6 +137,8 @@ class Trainer:
         seed: seeds the point shuffling and the flow's samples.
         progress: show a tqdm progress bar.
         path_gradient: path-wise gradient estimator for the reverse-KL term (see :func:`reverse_kl_loss`).
+        threads: a :class:`~openmm_cgflow.threads.ThreadTuner` that chooses torch's thread count per step by
+            measurement (None: torch's threads are left alone).
 
     The optimiser persists across calls, so training can continue on new points.
     """
@@ -144,6 +150,7 @@ class Trainer:
         energy=None,
         lr: float = 1e-3,
         warmup_steps: int = 50,
+        warmup_each_call: bool = False,
         clip: float = 100.0,
         drop_worst: int = 0,
         forward_weight: float = 0.0,
@@ -153,12 +160,16 @@ class Trainer:
         seed: int = 0,
         progress: bool = True,
         path_gradient: bool = False,
+        threads=None,
     ):
         self.flow = flow
+        self.threads = threads
         self.coordinates = _coordinates(coordinates)
         self.energy = energy
         self.lr = float(lr)
         self.warmup_steps = int(warmup_steps)
+        self.warmup_each_call = bool(warmup_each_call)
+        self._call_start = 0
         self.clip = float(clip)
         self.drop_worst = int(drop_worst)
         self.forward_weight = float(forward_weight)
@@ -183,7 +194,8 @@ class Trainer:
         return int(getattr(self.energy, "n_evaluations", 0))
 
     def _set_lr(self):
-        frac = min(1.0, (self.step_count + 1) / max(self.warmup_steps, 1))
+        done = self.step_count - (self._call_start if self.warmup_each_call else 0)
+        frac = min(1.0, (done + 1) / max(self.warmup_steps, 1))
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr_now * frac
 
@@ -228,6 +240,7 @@ class Trainer:
         if self.energy is None:
             raise ValueError("train_by_energy needs an energy object (EnergyBridge)")
         s_points = torch.as_tensor(np.asarray(s_points, dtype=np.float64)).reshape(len(s_points), -1)
+        self._call_start = self.step_count
         m = s_points.shape[0]
         k = self.samples_per_point
         ppb = max(1, min(self.points_per_batch, m))
@@ -241,12 +254,13 @@ class Trainer:
             for start in range(0, m, ppb):
                 idx = order[start : start + ppb]
                 s = s_points[idx].repeat_interleave(k, dim=0).to(device=self.device, dtype=self.flow.dtype)
-                loss, info = reverse_kl_loss(
-                    self.flow, self.coordinates, self.energy, s, self.generator, self.drop_worst,
-                    forward_weight=self.forward_weight, samples_per_point=k, path_gradient=self.path_gradient,
-                )
-                if not self._step(loss):
-                    n_skip += 1
+                with thread_steps(self.threads, work=s.shape[0]):
+                    loss, info = reverse_kl_loss(
+                        self.flow, self.coordinates, self.energy, s, self.generator, self.drop_worst,
+                        forward_weight=self.forward_weight, samples_per_point=k, path_gradient=self.path_gradient,
+                    )
+                    if not self._step(loss):
+                        n_skip += 1
                 losses.append(float(loss.detach()))
                 log_w_all[idx] = info["log_w"].reshape(-1, k).cpu()
                 n_bad += int((~info["ok"]).sum())

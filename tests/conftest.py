@@ -1,3 +1,10 @@
+import os
+
+# One torch thread throughout the tests (and their subprocesses): small tensors, shared cores, and exact
+# repeatability (the package's measured thread choice, openmm_cgflow.threads.ThreadTuner, is off when
+# OMP_NUM_THREADS is set; tests/test_threads.py tests the tuner itself).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import openmm.app as app
 import pytest

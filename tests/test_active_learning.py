@@ -61,8 +61,14 @@ def test_mueller_brown_stops_by_itself_with_small_kld(mb_run):
     # ... and found the whole PMF: forward KLD to the quadrature PMF on 100 bins of [-2.5, 1.1]
     assert recs[-1]["kld"] <= 1e-3, [r["kld"] for r in recs]
     assert ck["points"][:, 0].max() > 0.4  # reached the lower-right basin (s ~ 0.6)
-    for key in ("energy_evaluations", "cg_points", "max_spread_kT", "mean_spread_kT", "mean_ess", "wall_s"):
+    for key in ("energy_evaluations", "cg_points", "max_spread_kT", "mean_spread_kT", "mean_ess", "wall_s",
+                "phase_s", "train_cpu_load", "relabel_ess_ratio"):
         assert key in recs[-1]
+    # the reference-free convergence signal: none in the first iteration, then a finite change in kT
+    assert recs[0]["pmf_change_kT"] is None
+    assert all(np.isfinite(r["pmf_change_kT"]) and r["pmf_change_kT"] >= 0 for r in recs[1:])
+    assert set(recs[-1]["phase_s"]) == {"train", "label", "fit", "explore"}
+    assert sum(recs[-1]["phase_s"].values()) <= recs[-1]["wall_s"] - recs[-2]["wall_s"] + 1e-3
     assert (out / "pmf.pt").exists() and (out / "flow.pt").exists()
     assert any(p.suffix == ".png" for p in (out / "plots").iterdir())
     print(f"Mueller-Brown active learning: {len(recs)} iterations, {recs[-1]['energy_evaluations']} evaluations, "
@@ -226,3 +232,34 @@ def test_run_directory_writes_are_atomic(tmp_path):
         fh.write(b"not a checkpoint")
     with pytest.raises(ValueError, match="unreadable"):
         run.load_checkpoint()
+
+
+def test_a_degraded_flow_is_trained_again_and_cannot_overwrite_good_labels(tmp_path, mb):
+    """The guard against an iteration that makes the flow worse where it had learned (the relabelled points'
+    ESS falls below half of their earlier labels'): after one iteration, the earlier labels' ESS is set
+    impossibly high (as if an excellent flow had made them), so every relabel looks degraded. The second
+    iteration is trained again from the previous flow at half the learning rate, and the replayed points
+    keep their earlier labels."""
+    st = LearnerSettings.for_system(mb, first_epochs=5, epochs=3, max_iterations=2, n_workers=0, seed=1,
+                                    walker_steps=200, n_walkers=10, points_per_centre=40)  # >= 12 replayed points
+    learner = PMFLearner(mb, tmp_path / "run", st, progress=False, plots=False)
+    learner.pending = learner.initial_points()
+    learner.step()
+    assert learner.pending is not None
+    learner.labels["ess"][:] = 1e6
+    kept = {k: v.copy() for k, v in learner.labels.items()}
+    flow_before = {k: v.clone() for k, v in learner.flow.state_dict().items()}
+    state = learner._flow_state()
+    rec = learner.step()
+    assert rec["relabel_ess_ratio"] < 0.5
+    assert rec["retrained"] == 1 and rec["lr_scale"] == 0.5 and rec["relabelled"] == 0
+    n_old = len(kept["A"])
+    for key in ("A", "stderr", "ess", "iteration"):
+        np.testing.assert_array_equal(learner.labels[key][:n_old], kept[key])
+    assert len(learner.labels["A"]) > n_old  # the new points were labelled
+    # restoring a saved state gives back exactly the flow it saved
+    learner._restore_flow_state(state)
+    for k, v in learner.flow.state_dict().items():
+        assert torch.equal(v, flow_before[k])
+    learner.close()
+    assert RunDirectory(tmp_path / "run").load_checkpoint()["lr_scale"] == 0.5

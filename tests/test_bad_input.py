@@ -71,6 +71,9 @@ def _run_refused(capsys, tmp_path, *args):
     ("flow_kwargs = {hiden = [8]}", ["flow_kwargs", "did you mean 'hidden'"]),
     ('flow_dtype = "float16"', ["flow_dtype", "float16"]),
     ('device = "tpu"', ["device", "'tpu'"]),
+    ('energy_platform = "Referense"', ["energy_platform", "did you mean 'Reference'"]),
+    ("ensemble_hidden = [64, 0]", ["ensemble_hidden", "integers >= 1"]),
+    ("change_tolerance_kT = 0", ["change_tolerance_kT", "> 0"]),
 ])
 def test_bad_settings_in_a_config_are_refused_before_any_work(capsys, tmp_path, settings, words):
     cfg = _toml(tmp_path, f'[system]\nbuiltin = "mueller-brown"\n[settings]\n{settings}\n')

@@ -43,6 +43,21 @@ def test_bridge_matches_direct_context(aldp, rng, n_workers):
     np.testing.assert_allclose(f * aldp.kT, f_ref, rtol=1e-10, atol=1e-10 * np.abs(f_ref).max())
 
 
+def test_cpu_energy_platform_matches_reference(aldp, rng):
+    """The learner's energy_platform="CPU" (one thread per worker): energies and forces as on Reference, to
+    the CPU platform's mixed precision."""
+    from openmm_cgflow.settings import ENERGY_PLATFORMS
+
+    xyz = _perturbed(aldp, rng, 40)
+    e_ref, f_ref = _direct(aldp.system, xyz)
+    with EnergyBridge(aldp.system, aldp.temperature, n_workers=2, platform="CPU", properties=ENERGY_PLATFORMS["CPU"],
+                      min_parallel_batch=8) as bridge:
+        u, f, finite = bridge.energy_and_forces(xyz)
+    assert finite.all()
+    np.testing.assert_allclose(u * aldp.kT, e_ref, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(f * aldp.kT, f_ref, atol=2e-3 * np.abs(f_ref).max())
+
+
 def test_autograd_gives_forces_without_second_call(aldp, rng):
     xyz = torch.tensor(_perturbed(aldp, rng, 5), requires_grad=True)
     bridge = EnergyBridge(aldp.system, aldp.temperature, n_workers=0)

@@ -207,20 +207,21 @@ def test_energy_workers_import_nothing_from_the_working_directory(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- non-finite
 def test_overflowing_labels_or_a_non_finite_pmf_are_never_exported(tmp_path, mb, monkeypatch):
+    import openmm_cgflow.labelling as labelling_module
     import openmm_cgflow.learner as learner_module
 
     out = tmp_path / "run"
     PMFLearner(mb, out, _tiny(mb, max_iterations=1), progress=False, plots=False).run()
     good = _bytes(out)
     assert set(good) == {"pmf.pt", "flow.pt", "checkpoint.pt", "iterations.jsonl"}
-    real = learner_module.free_energy
+    real = labelling_module.free_energy
 
     def overflowing(*args, **kwargs):  # energies far outside the explored region: astronomically large labels
         labels = real(*args, **kwargs)
         labels.A = labels.A + 1e200
         return labels
 
-    monkeypatch.setattr(learner_module, "free_energy", overflowing)
+    monkeypatch.setattr(labelling_module, "free_energy", overflowing)
     learner = PMFLearner(mb, out, _tiny(mb, max_iterations=2), progress=False, plots=False)
     with pytest.raises(FloatingPointError, match=r"labels overflowed in iteration 1: \d+ labels with \|A\| > 1e\+06 kT"
                                                  r".*the files of iteration 0 in .* are intact"):
@@ -228,7 +229,7 @@ def test_overflowing_labels_or_a_non_finite_pmf_are_never_exported(tmp_path, mb,
     assert _bytes(out) == good
     assert not (out / "pmfs" / "pmf_001.pt").exists() and not _temp_files(out)
 
-    monkeypatch.setattr(learner_module, "free_energy", real)
+    monkeypatch.setattr(labelling_module, "free_energy", real)
     real_fit = learner_module.fit_ensemble
 
     def broken_fit(*args, **kwargs):

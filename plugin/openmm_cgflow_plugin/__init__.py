@@ -17,7 +17,10 @@ The user jobs:
 * :func:`swap_pmf`: put a refined pmf.pt into a running Simulation, keeping positions and velocities;
 * :func:`pmf_cmap_force`: a two-dihedral PMF as ``openmm.CMAPTorsionForce`` (no torch needed to run);
 * :func:`reweight`: unbiasing weights exp(factor * A(s)) with ESS, histograms and averages;
-* :func:`plot_pmf`: PNG of mean and spread (2-D Ramachandran-style panels, or 1-D mean +- spread).
+* :func:`plot_pmf`: PNG of mean and spread (2-D Ramachandran-style panels, or 1-D mean +- spread);
+  :func:`plot_marginals`: one panel per residue (2-D marginals of a d-dimensional PMF, mean and spread).
+* :mod:`openmm_cgflow_plugin.marginals`: 1-D / 2-D marginal free energies of a d-dimensional PMF and the
+  forward-KLD metric on them.
 
 Every force is built through one seam, :mod:`openmm_cgflow_plugin.backends`: ``backend="torch"``
 (openmm-torch TorchForce, the default when installed) or ``backend="python"`` (``openmm.PythonForce``,
@@ -29,7 +32,7 @@ OpenMM >= 8.5, serialisable with ``XmlSerializer``). Building blocks stay import
 from .dynamics import CGDynamics
 from .forces import add_pmf_bias, pmf_cmap_force
 from .pmf import PMF, load_pmf
-from .plot import plot_pmf
+from .plot import plot_marginals, plot_pmf
 from .pmf_file import save_pmf
 from .reporter import CGReporter, read_cg_npz
 from .reweight import Reweighting, reweight
@@ -44,6 +47,6 @@ from .modules import dihedrals
 from .reweight import effective_sample_size, reweighted_histogram
 
 __all__ = ["add_pmf_bias", "CGDynamics", "CGReporter", "load_pmf", "swap_pmf", "pmf_cmap_force", "reweight",
-           "plot_pmf", "save_pmf", "CGSpace", "PMF", "Reweighting", "read_cg_npz",
+           "plot_pmf", "plot_marginals", "save_pmf", "CGSpace", "PMF", "Reweighting", "read_cg_npz",
            "BIAS_PARAMETER", "cg_walker_system", "make_force", "plugin_forces", "walker_mass", "dihedrals",
            "kT_kJmol", "wrap_periodic", "effective_sample_size", "reweighted_histogram"]

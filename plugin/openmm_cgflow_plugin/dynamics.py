@@ -1,7 +1,8 @@
 """CG dynamics on a learned PMF: many independent walkers in one OpenMM Context, and their reporter.
 
-Each walker is one particle; its first d coordinates are the CG coordinates s (radians for dihedrals,
-read as nm; nm for Mueller-Brown's s = x - y), the remaining coordinates feel no force. Dihedral CG
+Each walker is P = ceil(d / 3) particles whose x, y, z hold its d CG coordinates s in order (radians for
+dihedrals, read as nm; nm for Mueller-Brown's s = x - y; one particle for d <= 3), the remaining 3 P - d
+coordinates feel no force (see :func:`~openmm_cgflow_plugin.forces.walker_positions`). Dihedral CG
 spaces live in a periodic cubic box of side 2 pi; the walkers move under ``-kT grad A_mean(s)`` with
 OpenMM's ``LangevinMiddleIntegrator`` at the PMF's temperature.
 
@@ -29,8 +30,7 @@ import openmm.app as app
 import openmm.unit as unit
 import torch
 
-from .cgspace import wrap_periodic
-from .forces import cg_walker_system
+from .forces import cg_walker_system, walker_cg, walker_positions
 from .pmf import load_pmf
 from .swap import swap_pmf
 
@@ -73,7 +73,8 @@ class CGDynamics:
         pmf_path: the ``pmf.pt`` (path or loaded PMF).
         s0: initial CG coordinates [W, d] (radians / nm); a single point [d] gives one walker.
         temperature: K; None takes the file's. Any other value than the file's raises ValueError.
-        friction: 1/ps. timestep: ps. mass: amu per walker (default kT / (1 nm/ps)^2).
+        friction: 1/ps. timestep: ps. mass: amu per walker particle, i.e. per CG coordinate (default
+            kT / (1 nm/ps)^2); a walker is ceil(d / 3) particles.
         platform: OpenMM platform name ("Reference", "CPU", "CUDA", ...) or Platform; properties: its
             properties (CPU defaults to OMP_NUM_THREADS or 1 thread).
         seed: random seed for velocities and the integrator (reproducible on Reference/CPU).
@@ -123,10 +124,8 @@ class CGDynamics:
         self.simulation.context.setVelocitiesToTemperature(self.sampling_temperature * unit.kelvin,
                                                            integrator_seed(seed + 1))
 
-    def _positions(self, s: np.ndarray) -> np.ndarray:
-        pos = np.zeros((s.shape[0], 3))
-        pos[:, : self.pmf.n_cg] = wrap_periodic(s, self.pmf.periodic)
-        return pos
+    def _positions(self, s: np.ndarray, unused=None) -> np.ndarray:
+        return walker_positions(s, self.pmf.periodic, unused)
 
     @property
     def context(self) -> openmm.Context:
@@ -136,7 +135,7 @@ class CGDynamics:
     def s(self) -> np.ndarray:
         """Current CG coordinates [W, d] (periodic ones wrapped into [-pi, pi))."""
         pos = self.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-        return wrap_periodic(np.asarray(pos)[:, : self.pmf.n_cg], self.pmf.periodic)
+        return walker_cg(np.asarray(pos), self.pmf.periodic)
 
     @s.setter
     def s(self, value) -> None:
@@ -177,12 +176,11 @@ class CGDynamics:
             self.simulation.step(report_interval)
             state = self.context.getState(getPositions=True)
             pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
-            s = wrap_periodic(pos[:, :d], self.pmf.periodic)
+            s = walker_cg(pos, self.pmf.periodic)
             s_out[f] = s
             spread_out[f] = spread_at(self.pmf.module, s)
             if any(self.pmf.periodic):
-                pos[:, :d] = s
-                self.context.setPositions(pos)
+                self.context.setPositions(self._positions(s, unused=pos))
         rest = n_steps - n_frames * report_interval
         if rest:
             self.simulation.step(rest)

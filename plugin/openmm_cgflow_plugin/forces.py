@@ -3,7 +3,9 @@
 Units: positions nm (1 rad of a CG dihedral is read as 1 nm for walkers), energies kJ/mol (the PMF in kT
 times kT of the file's temperature), temperature K.
 
-* :func:`cg_walker_system` builds a System of W independent walkers in CG space driven by the mean PMF.
+* :func:`cg_walker_system` builds a System of W independent walkers in CG space driven by the mean PMF,
+  each walker P = ceil(d / 3) particles whose x, y, z carry its d CG coordinates in order
+  (:func:`walker_positions` packs, :func:`walker_cg` unpacks; any d >= 1).
 * :func:`add_pmf_bias` adds ``factor * A(s(x))`` (kT -> kJ/mol) to an all-atom System, s(x) the CG
   dihedrals from atom positions; ``factor = -1`` flattens the landscape along s.
 * :func:`pmf_cmap_force` exports a two-dihedral PMF as OpenMM's own ``CMAPTorsionForce`` (bicubic spline
@@ -25,11 +27,12 @@ import openmm.app as app
 from .backends import force_module, make_force, plugin_forces
 from .cgspace import TWO_PI, kT_kJmol, wrap_periodic
 from .files import atomic_write
-from .modules import CGWalkerEnergy, CGWalkerEnergyPBC, DihedralBias, DihedralBiasPBC
+from .modules import CGWalkerEnergy, CGWalkerEnergyPBC, DihedralBias, DihedralBiasPBC, walker_particles
 from .pmf import load_pmf
 
-__all__ = ["cg_walker_system", "walker_mass", "add_pmf_bias", "pmf_cmap_force", "cmap_grid", "BIAS_PARAMETER",
-           "find_pmf_module", "walker_force", "bonded_pairs", "check_bonded_chains"]
+__all__ = ["cg_walker_system", "walker_mass", "walker_positions", "walker_cg", "walker_particles", "add_pmf_bias",
+           "pmf_cmap_force", "cmap_grid", "BIAS_PARAMETER", "find_pmf_module", "walker_force", "bonded_pairs",
+           "check_bonded_chains"]
 
 #: Default name of the global parameter holding the bias factor of :func:`add_pmf_bias` (Context.setParameter).
 BIAS_PARAMETER = "cgflow_bias_factor"
@@ -43,26 +46,52 @@ def walker_mass(temperature: float) -> float:
     return kT_kJmol(temperature)
 
 
+def walker_positions(s, periodic: Sequence[bool], unused=None) -> np.ndarray:
+    """Particle positions [W * P, 3] (nm) of W walkers at CG coordinates ``s`` [W, d] (periodic ones wrapped into
+    [-pi, pi)), P = ceil(d / 3): walker w's coordinates fill the x, y, z of its particles w P ... w P + P - 1 in
+    order. The 3 P - d unused slots (no force acts on them) are 0, or taken from ``unused`` [W * P, 3] (e.g. the
+    current positions, to leave those slots where they are)."""
+    s = wrap_periodic(np.asarray(s, dtype=np.float64), periodic)
+    if s.ndim != 2 or s.shape[1] != len(periodic):
+        raise ValueError(f"CG coordinates must have shape [W, {len(periodic)}], got {s.shape}")
+    w, d = s.shape
+    p = walker_particles(d)
+    flat = np.zeros((w, 3 * p)) if unused is None else np.array(unused, dtype=np.float64).reshape(w, 3 * p)
+    flat[:, :d] = s
+    return flat.reshape(w * p, 3)
+
+
+def walker_cg(positions, periodic: Sequence[bool]) -> np.ndarray:
+    """CG coordinates [W, d] (periodic ones wrapped into [-pi, pi)) of walker particle positions [W * P, 3] nm,
+    d = len(periodic): the inverse of :func:`walker_positions`."""
+    pos = np.asarray(positions, dtype=np.float64)
+    d = len(periodic)
+    p = walker_particles(d)
+    if pos.ndim != 2 or pos.shape[1] != 3 or pos.shape[0] % p:
+        raise ValueError(f"walker positions must be [W * {p}, 3] for {d} CG coordinates, got {pos.shape}")
+    return wrap_periodic(pos.reshape(-1, 3 * p)[:, :d], periodic)
+
+
 def cg_walker_system(pmf, n_walkers: int, mass: Optional[float] = None, backend: Optional[str] = None):
     """(System, Topology) of ``n_walkers`` independent CG walkers driven by the ensemble-mean PMF.
 
-    Each walker is one particle whose first d coordinates are the CG coordinates (radians or nm).
-    If every CG coordinate is periodic the System has a cubic periodic box of side 2 pi (nm = rad) and the
-    walker force uses PBC; otherwise there is no box and periodic coordinates are wrapped inside the
-    module. ``mass`` in amu (default :func:`walker_mass`). No CMMotionRemover: walkers are independent.
-    ``backend``: "torch", "python" or None (see :mod:`openmm_cgflow_plugin.backends`).
+    Each walker is P = ceil(d / 3) particles (one residue "CG" of P atoms) whose x, y, z hold its d CG
+    coordinates (radians or nm) in order (:func:`walker_positions`); the unused slots feel no force. If every
+    CG coordinate is periodic the System has a cubic periodic box of side 2 pi (nm = rad) and the walker force
+    uses PBC; otherwise there is no box and periodic coordinates are wrapped inside the module. ``mass`` in amu
+    per particle, i.e. per CG coordinate (default :func:`walker_mass`). No CMMotionRemover: walkers are
+    independent. ``backend``: "torch", "python" or None (see :mod:`openmm_cgflow_plugin.backends`).
     """
     pmf = load_pmf(pmf)
-    if pmf.n_cg > 3:
-        raise ValueError(f"CG walkers support up to 3 CG coordinates (one particle each); this PMF has {pmf.n_cg}")
     n_walkers = int(n_walkers)
     if n_walkers < 1:
         raise ValueError("n_walkers must be >= 1")
     m = walker_mass(pmf.temperature) if mass is None else float(mass)
     if not (m > 0 and math.isfinite(m)):
         raise ValueError(f"walker mass must be positive, got {mass!r}")
+    per_walker = walker_particles(pmf.n_cg)
     system = openmm.System()
-    for _ in range(n_walkers):
+    for _ in range(n_walkers * per_walker):
         system.addParticle(m)
     pbc = all(pmf.periodic)
     if pbc:
@@ -71,9 +100,11 @@ def cg_walker_system(pmf, n_walkers: int, mass: Optional[float] = None, backend:
     system.addForce(walker_force(pmf, uses_pbc=pbc, backend=backend))
     topology = app.Topology()
     chain = topology.addChain()
+    names = ["W"] if per_walker == 1 else [f"W{k}" for k in range(per_walker)]
     for w in range(n_walkers):
         residue = topology.addResidue("CG", chain)
-        topology.addAtom("W", None, residue)
+        for name in names:
+            topology.addAtom(name, None, residue)
     if pbc:
         topology.setPeriodicBoxVectors(system.getDefaultPeriodicBoxVectors())
     return system, topology

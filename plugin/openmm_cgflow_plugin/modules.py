@@ -6,9 +6,11 @@ in the dtype of ``positions`` (float64 on the Reference and CPU platforms and in
 float32 on CUDA/OpenCL in single or mixed precision); forces come from autograd. The PMF module inside
 computes in the same dtype.
 
-* :class:`CGWalkerEnergy` / :class:`CGWalkerEnergyPBC`: ``positions`` [W, 3] hold W independent walkers;
-  the first d columns are the CG coordinates s (1 rad is read as 1 nm), the rest are ignored. Periodic
-  coordinates are wrapped into [-pi, pi) before the PMF sees them. E = kT * sum_w A(s_w).
+* :class:`CGWalkerEnergy` / :class:`CGWalkerEnergyPBC`: ``positions`` [W * P, 3] hold W independent walkers
+  of P = ceil(d / 3) particles each (:func:`walker_particles`); walker w's CG coordinates s (1 rad is read as
+  1 nm) are the first d entries of its particles' x, y, z in order (``positions.reshape(W, 3 P)[:, :d]``), the
+  3 P - d unused slots feel no force. For d <= 3 that is one particle per walker, s = ``positions[:, :d]``.
+  Periodic coordinates are wrapped into [-pi, pi) before the PMF sees them. E = kT * sum_w A(s_w).
 * :class:`DihedralBias` / :class:`DihedralBiasPBC`: ``positions`` [n_atoms, 3] nm of an all-atom System;
   s = the dihedrals of ``cg_atoms`` (IUPAC/mdtraj sign, radians); E = factor * kT * A(s), with ``factor``
   an OpenMM global parameter (a scalar tensor argument). The PBC variant takes bond vectors by the
@@ -22,8 +24,16 @@ from torch import nn
 
 from .cgspace import wrap_angle
 
-__all__ = ["wrap_columns", "dihedrals", "dihedrals_pbc", "minimum_image", "CGWalkerEnergy", "CGWalkerEnergyPBC",
-           "DihedralBias", "DihedralBiasPBC"]
+__all__ = ["walker_particles", "wrap_columns", "dihedrals", "dihedrals_pbc", "minimum_image", "CGWalkerEnergy",
+           "CGWalkerEnergyPBC", "DihedralBias", "DihedralBiasPBC"]
+
+
+def walker_particles(n_cg: int) -> int:
+    """Particles per CG walker for d = ``n_cg`` CG coordinates: ceil(d / 3) (three coordinates per particle)."""
+    n_cg = int(n_cg)
+    if n_cg < 1:
+        raise ValueError(f"a CG walker needs at least one CG coordinate, got {n_cg}")
+    return (n_cg + 2) // 3
 
 
 def wrap_columns(s: torch.Tensor, periodic_mask: torch.Tensor) -> torch.Tensor:
@@ -69,21 +79,27 @@ def dihedrals_pbc(positions: torch.Tensor, quads: torch.Tensor, box: torch.Tenso
 
 
 class CGWalkerEnergy(nn.Module):
-    """E [kJ/mol] = kT * sum over walkers of the PMF mean at s_w = positions[w, :d] (periodic dims wrapped)."""
+    """E [kJ/mol] = kT * sum over walkers of the PMF mean at s_w (periodic dims wrapped).
+
+    ``positions`` [W * P, 3], P = ``particles`` = ceil(d / 3); s_w = ``positions.reshape(W, 3 P)[w, :d]``."""
 
     n_cg: int
+    particles: int
     kT: float
 
     def __init__(self, pmf: nn.Module, n_cg: int, periodic: List[bool], kT: float):
         super().__init__()
         self.pmf = pmf
         self.n_cg = int(n_cg)
+        self.particles = walker_particles(self.n_cg)
         self.kT = float(kT)
+        if len(periodic) != self.n_cg:
+            raise ValueError(f"periodic has {len(periodic)} entries for {self.n_cg} CG coordinates")
         self.register_buffer("periodic_mask", torch.tensor([bool(p) for p in periodic], dtype=torch.bool))
 
     def cg(self, positions: torch.Tensor) -> torch.Tensor:
-        """CG coordinates [W, d] of the walkers, periodic ones wrapped into [-pi, pi)."""
-        return wrap_columns(positions[:, : self.n_cg], self.periodic_mask)
+        """CG coordinates [W, d] of the walkers (positions [W * P, 3]), periodic ones wrapped into [-pi, pi)."""
+        return wrap_columns(positions.reshape(-1, 3 * self.particles)[:, : self.n_cg], self.periodic_mask)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         return self.kT * self.pmf(self.cg(positions)).sum()

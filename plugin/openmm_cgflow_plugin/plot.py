@@ -1,4 +1,6 @@
-"""Plots of a PMF ensemble: Ramachandran-style mean/spread panels (2-D) or mean +- spread (1-D).
+"""Plots of a PMF ensemble: Ramachandran-style mean/spread panels (2-D) or mean +- spread (1-D)
+(:func:`plot_pmf`), and per-residue Ramachandran panels of 2-D marginals of a d-dimensional PMF
+(:func:`plot_marginals`).
 
 matplotlib is imported lazily here and used only through its object API (``matplotlib.figure.Figure``
 with an Agg canvas: no pyplot, no global backend change, no display needed). Energies in kT, angles in
@@ -18,7 +20,7 @@ from .cgspace import wrap_periodic
 from .files import atomic_write
 from .pmf import PMF, load_pmf
 
-__all__ = ["plot_pmf", "as_pmf"]
+__all__ = ["plot_pmf", "plot_marginals", "as_pmf"]
 
 
 def as_pmf(pmf_path_or_model) -> PMF:
@@ -131,6 +133,69 @@ def plot_pmf(pmf_path_or_model, png_path, points=None, threshold: Optional[float
                         transform=ax.get_xaxis_transform())
         ax0.legend(loc="upper right", fontsize=8)
         ax1.set_xlim(*rng[0])
+    return _save(fig, png_path, title, dpi)
+
+
+def plot_marginals(pmf_path_or_model, png_path, pairs: Optional[Sequence[Sequence[int]]] = None, n_grid: int = 60,
+                   method: str = "auto", n_quadrature: int = 8, n_mc: int = 2000, seed: int = 0,
+                   points=None, vmax: Optional[float] = None, title: Optional[str] = None, dpi: int = 110) -> str:
+    """Write a per-residue Ramachandran PNG of a d-dimensional PMF: one column per pair (phi_i, psi_i), the
+    2-D marginal mean free energy on top (kT, minimum 0) and the marginal spread below (kT, the exp(-A)-weighted
+    mean ensemble spread over the other coordinates).
+
+    Args:
+        pmf_path_or_model: ``pmf.pt`` path, loaded PMF or in-memory ensemble module (d >= 2).
+        pairs: coordinate index pairs (default :func:`~openmm_cgflow_plugin.marginals.residue_pairs`:
+            (0, 1), (2, 3), ...).
+        n_grid: bins per axis of each marginal; method, n_quadrature, n_mc, seed: how the other coordinates
+            are integrated out (:func:`~openmm_cgflow_plugin.marginals.marginal_free_energy`).
+        points: optional CG points [M, d] overlaid on every panel (projected on the pair).
+        vmax: upper limit (kT) of the free-energy colour scale (default: min(max, 99th percentile + 2)).
+    Returns ``png_path``.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from .marginals import marginal_free_energy, residue_pairs
+
+    pmf = as_pmf(pmf_path_or_model)
+    pairs = residue_pairs(pmf.n_cg) if pairs is None else [tuple(int(a) for a in p) for p in pairs]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"pairs must be a list of (i, j) coordinate index pairs, got {pairs}")
+    pts = None
+    if points is not None:
+        pts = wrap_periodic(np.asarray(points, dtype=np.float64).reshape(-1, pmf.n_cg), pmf.periodic)
+    rng = _ranges(pmf, pts, None)
+    fig = Figure(figsize=(4.2 * len(pairs) + 0.8, 7.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.asarray(fig.subplots(2, len(pairs), squeeze=False))
+    for col, (i, j) in enumerate(pairs):
+        m = marginal_free_energy(pmf, (i, j), n_grid, rng, method=method, n_quadrature=n_quadrature, n_mc=n_mc,
+                                 seed=seed)
+        x, y = m.centres
+        f = m.free_energy
+        top = min(float(f.max()), float(np.percentile(f, 99)) + 2.0) if vmax is None else float(vmax)
+        im0 = axes[0, col].pcolormesh(x, y, np.minimum(f, top).T, shading="auto", cmap="viridis", vmin=0, vmax=top)
+        if top > 1:
+            axes[0, col].contour(x, y, f.T, levels=np.arange(1, top, 1), colors="white", linewidths=0.4, alpha=0.6)
+        fig.colorbar(im0, ax=axes[0, col], label="marginal free energy (kT)")
+        im1 = axes[1, col].pcolormesh(x, y, m.spread.T, shading="auto", cmap="magma")
+        fig.colorbar(im1, ax=axes[1, col], label="marginal spread (kT)")
+        axes[0, col].set_title(f"{pmf.cg_names[i]}, {pmf.cg_names[j]}: mean ({m.method})")
+        axes[1, col].set_title(f"{pmf.cg_names[i]}, {pmf.cg_names[j]}: spread")
+        for ax in axes[:, col]:
+            if pts is not None:
+                ax.scatter(pts[:, i], pts[:, j], s=3, c="k", alpha=0.5, lw=0)
+            ax.set_xlabel(_label(pmf, i))
+            ax.set_ylabel(_label(pmf, j))
+            ax.set_xlim(*rng[i])
+            ax.set_ylim(*rng[j])
+            ax.set_aspect("equal" if pmf.periodic[i] and pmf.periodic[j] else "auto")
+    return _save(fig, png_path, title, dpi)
+
+
+def _save(fig, png_path, title, dpi: int) -> str:
+    """Write ``fig`` (with ``title`` as its suptitle, if any) to ``png_path`` atomically; returns the path."""
     if title:
         fig.suptitle(title)
     png_path = os.fspath(png_path)

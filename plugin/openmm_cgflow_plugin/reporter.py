@@ -25,10 +25,9 @@ from typing import Dict
 import numpy as np
 import openmm.unit as unit
 
-from .cgspace import wrap_periodic
 from .dynamics import spread_at
 from .files import atomic_write
-from .forces import find_pmf_module
+from .forces import find_pmf_module, walker_cg
 from .pmf import PMF, load_pmf
 
 __all__ = ["CGReporter", "read_cg_npz", "FRAME_KEYS"]
@@ -104,9 +103,8 @@ class CGReporter:
         if self._closed:
             raise RuntimeError("CGReporter.report() after close()")
         self._resolve(simulation)
-        d = self._pmf.n_cg
         pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
-        s = wrap_periodic(pos[:, :d], self._pmf.periodic)
+        s = walker_cg(pos, self._pmf.periodic)  # [walkers, d] (ceil(d/3) particles per walker)
         self._pending["s"].append(s.astype(self.dtype))
         self._pending["spread"].append(spread_at(self._module, s).astype(self.dtype))
         self._pending["time_ps"].append(state.getTime().value_in_unit(unit.picosecond))
