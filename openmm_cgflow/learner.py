@@ -348,10 +348,9 @@ class PMFLearner:
         with self._phase_threads():
             ensemble = self._fit(rng)
             self._check_ensemble(k, ensemble)
-            previous = self.ensemble if self.ensemble is not None else self._exported_pmf()
+            record.update(self._convergence(ensemble))  # against the current PMF, before it is replaced
             self.ensemble = ensemble
             phase_s["fit"], t = time.perf_counter() - t, time.perf_counter()
-            record.update(self._convergence(previous))
             snapshot = self._export(k)
             if explore:
                 record.update(self._explore(rng, snapshot))
@@ -500,26 +499,17 @@ class PMFLearner:
             self.stop_reason = (f"the PMF changed by less than {st.change_tolerance_kT:g} kT in "
                                 f"{st.change_patience} iteration(s) in a row")
 
-    def _exported_pmf(self):
-        """The last committed pmf.pt (after a resume, when no ensemble is in memory), or None."""
-        if not self._has_pmf():
-            return None
-        from openmm_cgflow_plugin import load_pmf
-
-        return load_pmf(self.pmf_path)
-
-    def _convergence(self, previous) -> dict:
-        """``pmf_change_kT`` since ``previous`` (an ensemble or a loaded pmf.pt; None in the first iteration),
-        on a grid of the CG ranges for d <= 3, else at the labelled points (:mod:`openmm_cgflow.convergence`)."""
-        if previous is None:
+    def _convergence(self, ensemble: PMFEnsemble) -> dict:
+        """``pmf_change_kT`` of the new ``ensemble`` against the current PMF (:meth:`mean_and_spread`: the one in
+        memory, or pmf.pt after a resume; None in the first iteration), on a grid of the CG ranges for d <= 3,
+        else at the labelled points (:mod:`openmm_cgflow.convergence`)."""
+        if self.ensemble is None and not self._has_pmf():
             return {"pmf_change_kT": None}
-        probes = (probe_grid(self._ranges() or default_ranges(self.ensemble)) if self.cgsystem.n_cg <= 3
-                  else self.label_s)
-        s = torch.as_tensor(np.asarray(probes, dtype=np.float64))
+        probes = np.asarray(probe_grid(self._ranges() or default_ranges(ensemble)) if self.cgsystem.n_cg <= 3
+                            else self.label_s, dtype=np.float64)
         with torch.no_grad():
-            now = self.ensemble.mean_and_spread(s)[0].numpy()
-            before = np.asarray(previous.mean_and_spread(s if isinstance(previous, PMFEnsemble) else s.numpy())[0])
-        return {"pmf_change_kT": pmf_change(now, before)}
+            now = ensemble.mean_and_spread(torch.as_tensor(probes))[0].numpy()
+        return {"pmf_change_kT": pmf_change(now, self.mean_and_spread(probes)[0])}
 
     # ------------------------------------------------------------------ the ensemble
     def _has_pmf(self) -> bool:
