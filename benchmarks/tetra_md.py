@@ -14,6 +14,7 @@ walker's frames (per residue), with a table on stdout.
 
   python benchmarks/tetra_md.py --out runs/tetra_md --hours 2          # in the background; run again to resume
   python benchmarks/tetra_md.py --out runs/tetra_md --report
+  python benchmarks/tetra_md.py --out runs/tetra_md --pack benchmarks/data/tetrapeptide_md.npz   # one compact file
 """
 
 from __future__ import annotations
@@ -94,9 +95,13 @@ def _dihedrals(x: np.ndarray, quads: np.ndarray) -> np.ndarray:
 
 
 def load_frames(out: str) -> list[np.ndarray]:
-    """Per walker, its frames [F, 6] (rad) in order."""
+    """Per walker, its frames [F, 6] (rad) in order, from a run directory or a file written by ``--pack``."""
+    if out.endswith(".npz"):
+        with np.load(out) as z:
+            return [_dequantise(z[k]) for k in sorted((k for k in z.files if k.startswith("walker")),
+                                                       key=lambda k: int(k[6:]))]
     walkers = []
-    for wdir in sorted(glob.glob(os.path.join(out, "walker*"))):
+    for wdir in sorted(glob.glob(os.path.join(out, "walker*")), key=lambda d: int(os.path.basename(d)[6:])):
         chunks = sorted(glob.glob(os.path.join(wdir, "chunk_*.npz")))
         if chunks:
             walkers.append(np.concatenate([_dequantise(np.load(c)["dihedrals"]) for c in chunks]))
@@ -135,17 +140,30 @@ def main() -> None:
     ap.add_argument("--hours", type=float, default=2.0)
     ap.add_argument("--max-ns", type=float, default=1e9)
     ap.add_argument("--walkers", type=int, default=2)
+    ap.add_argument("--first-walker", type=int, default=0,
+                    help="index of the first walker (its directory walkerK and seed 1000 + K): walkers run elsewhere "
+                         "with other indices merge by copying their directories")
     ap.add_argument("--frame-ps", type=float, default=1.0)
     ap.add_argument("--chunk-ps", type=float, default=500.0)
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--pack", default=None, help="write all walkers' frames (int16, as stored) into one .npz and stop")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.pack:
+        dirs = sorted(glob.glob(os.path.join(args.out, "walker*")), key=lambda d: int(os.path.basename(d)[6:]))
+        packed = {os.path.basename(d): np.concatenate([np.load(c)["dihedrals"] for c in
+                                                       sorted(glob.glob(os.path.join(d, "chunk_*.npz")))])
+                  for d in dirs if glob.glob(os.path.join(d, "chunk_*.npz"))}
+        np.savez_compressed(args.pack, frame_ps=args.frame_ps, **packed)
+        print(f"{args.pack}: {len(packed)} walkers, {sum(len(v) for v in packed.values()):,} frames")
+        return
     if args.report:
         report(args.out, args.frame_ps)
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_walker, args=(i, args)) for i in range(args.walkers)]
+    procs = [ctx.Process(target=_walker, args=(i, args))
+             for i in range(args.first_walker, args.first_walker + args.walkers)]
     for p in procs:
         p.start()
     for p in procs:

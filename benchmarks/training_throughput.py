@@ -9,6 +9,7 @@ backward + optimiser (timed separately on the same batch).
     OMP_NUM_THREADS=1 python benchmarks/training_throughput.py            # ~2 min
     python benchmarks/training_throughput.py --threads 2                  # both cores for the flow
     python benchmarks/training_throughput.py --quick
+    python benchmarks/training_throughput.py --device cuda              # the flow on a GPU (rates only)
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ import torch
 
 from openmm_cgflow import builtin
 from openmm_cgflow.bridge import EnergyBridge
-from openmm_cgflow.flow import flow_for
+from openmm_cgflow.flow import flow_for, resolve_device
 from openmm_cgflow.training import Trainer, reverse_kl_loss
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-def end_to_end(cg, bridge, dtype, points, epochs) -> float:
-    flow = flow_for(cg, dtype=dtype)
+def end_to_end(cg, bridge, dtype, points, epochs, device="cpu") -> float:
+    flow = flow_for(cg, dtype=dtype).to(resolve_device(device))
     tr = Trainer(flow, cg, bridge, samples_per_point=16, points_per_batch=64, forward_weight=0.5, drop_worst=2,
                  progress=False)
     tr.train_by_energy(points[:8], 1)  # warm-up
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workers", type=int, default=2, help="OpenMM energy worker processes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--device", default="cpu", help="where the flow trains: cpu or cuda (the breakdown is CPU only)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,22 +87,24 @@ def main() -> None:
     rates = {k: [] for k in DTYPES}
     for _ in range(rounds):
         for name, dt in DTYPES.items():
-            rates[name].append(end_to_end(cg, bridge, dt, points, epochs))
-    parts = {name: breakdown(cg, bridge, dt, 1 if args.quick else 3) for name, dt in DTYPES.items()}
+            rates[name].append(end_to_end(cg, bridge, dt, points, epochs, args.device))
+    parts = ({name: breakdown(cg, bridge, dt, 1 if args.quick else 3) for name, dt in DTYPES.items()}
+             if args.device == "cpu" else {})
     bridge.close()
     load = os.getloadavg()[0]
     print(f"alanine dipeptide, default flow (8 x [192, 192]), 64 points x 16 samples per step, torch {args.threads} "
           f"thread(s), "
-          f"{args.workers} energy workers, load average {load:.1f}")
+          f"{args.workers} energy workers, flow on {args.device}, load average {load:.1f}")
     print("\n| flow dtype | samples/s end to end (best of rounds) | all rounds |\n|---|---|---|")
     for name, r in rates.items():
         print(f"| {name} | {max(r):,.0f} | {', '.join(f'{x:,.0f}' for x in r)} |")
-    print("\n| microseconds per sample | " + " | ".join(DTYPES) + " |\n|---|---|---|")
-    for key in next(iter(parts.values())):
+    if parts:
+        print("\n| microseconds per sample | " + " | ".join(DTYPES) + " |\n|---|---|---|")
+    for key in (next(iter(parts.values())) if parts else ()):
         print(f"| {key} | " + " | ".join(f"{parts[n][key]:.0f}" for n in DTYPES) + " |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rates": rates, "breakdown_us_per_sample": parts, "load_average": load,
+            json.dump({"device": args.device, "threads": args.threads, "rates": rates, "breakdown_us_per_sample": parts, "load_average": load,
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, fh, indent=1)
 
 

@@ -8,6 +8,7 @@ much of the run the estimate rests on.
     python examples/biased_md.py runs/ala2/pmf.pt --ps 2000
     python examples/biased_md.py --quick              # the committed learned PMF, a few ps
     python examples/biased_md.py --quick --backend python   # the bias as an openmm.PythonForce
+    python examples/biased_md.py runs/ala2/pmf.pt --cap-kT 12    # flat only where A < 12 kT
 
 System: amber96 + OBC implicit solvent, no cutoff, hydrogen mass 3 amu (no constraints), Langevin 300 K,
 1/ps, 2 fs; trajectory written as DCD and read back with mdtraj.
@@ -38,6 +39,8 @@ parser.add_argument("--platform", default="Reference", help="Reference is fastes
 parser.add_argument("--seed", type=int, default=1)
 parser.add_argument("--backend", default=None, help="force backend of the bias: torch (TorchForce) or python")
 parser.add_argument("--quick", action="store_true", help="use the committed learned pmf.pt and run a few ps")
+parser.add_argument("--cap-kT", type=float, default=None,
+                    help="flatten only where A < this (kT): the bias is -kT min(A, cap), the weights exp(-min(A, cap))")
 args = parser.parse_args()
 warnings.filterwarnings("ignore", message="Casting xyz dtype")   # mdtraj's DCD writer stores float32
 os.makedirs(args.out, exist_ok=True)
@@ -58,7 +61,8 @@ system = forcefield.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, con
                                  hydrogenMass=3 * unit.amu)
 pmf = load_pmf(args.pmf, expected_cg=2, temperature=temperature)   # two CG dihedrals, at 300 K
 # The file carries the atom quadruples of phi and psi; factor -1 flattens the landscape along them.
-add_pmf_bias(system, pmf, factor=-1, temperature=temperature, force_group=1, backend=args.backend)
+add_pmf_bias(system, pmf, factor=-1, temperature=temperature, force_group=1, backend=args.backend,
+             cap_kT=args.cap_kT)
 
 integrator = openmm.LangevinMiddleIntegrator(temperature, 1 / unit.picosecond, 2 * unit.femtoseconds)
 integrator.setRandomNumberSeed(args.seed)
@@ -84,7 +88,7 @@ traj = mdtraj.load(dcd, top=pdb_path)
 _, phi = mdtraj.compute_phi(traj)
 _, psi = mdtraj.compute_psi(traj)
 s = np.stack([phi[:, 0], psi[:, 0]], axis=1).astype(np.float64)
-weights = reweight(s, pmf, factor=-1)
+weights = reweight(s, pmf, factor=-1, cap_kT=args.cap_kT)   # the same cap as the bias
 pos = s[:, 0] > 0
 p_pos, se = weights.population(pos)
 print(f"{len(s)} frames; biased fraction with phi > 0: {pos.mean():.3f}")

@@ -24,7 +24,8 @@ CG = ("phi:ALA2", "psi:ALA2", "phi:ALA3", "psi:ALA3", "phi:ALA4", "psi:ALA4")
 
 #: Active-learning defaults for six periodic CG dims (radians). A neighbourhood ball of radius r in d dims
 #: spreads each coordinate by r / sqrt(d + 2): 0.85 rad in 6-D matches the 2-D default 0.6 rad per coordinate.
-SETTINGS = dict(radius=0.85, initial_radius=0.85, initial_points=400, new_centres=20, points_per_centre=20)
+SETTINGS = dict(radius=0.85, initial_radius=0.85, initial_points=400, new_centres=20, points_per_centre=20,
+                change_tolerance_kT=0.1, change_patience=2, max_evaluations=20_000_000)
 #: Flow size: 114 fine coordinates conditioned on 12 context features (cos, sin of six dihedrals).
 FLOW = dict(n_layers=8, hidden=(256, 256))
 

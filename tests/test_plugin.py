@@ -772,6 +772,48 @@ def test_swap_pmf_keeps_custom_parameter_name_and_value(backend, analytic, ensem
     assert dyn.energy_kT() == pytest.approx(float(new.mean(before).sum()), rel=1e-9)
 
 
+@pytest.mark.parametrize("backend", ["torch", "python"])
+def test_capped_bias_is_flat_above_the_cap_and_reweights_consistently(backend, analytic, aldp_system):
+    """add_pmf_bias(cap_kT=c): energy factor * kT * min(A, c), no bias force where A > c, the same as the uncapped
+    bias where A < c; swap_pmf keeps the cap; reweight(cap_kT=c) uses min(A, c)."""
+    import openmm.app as app
+
+    pmf = load_pmf(analytic)
+    x0 = aldp_system.positions
+    s0 = DihedralBias(pmf.module, ALDP_QUADS, 1.0).cg(torch.as_tensor(x0)).numpy()
+    a0 = float(pmf.mean(s0)[0])
+    plain = _aldp_copy(aldp_system)
+    c_plain = _context(plain)
+    for cap, capped in ((a0 + 0.5, False), (a0 - 0.5, True)):
+        system = _aldp_copy(aldp_system)
+        add_pmf_bias(system, analytic, factor=-1, force_group=6, backend=backend, cap_kT=cap)
+        c = _context(system)
+        e_bias, f_bias = _energy_forces(c, x0, groups={6})
+        _assert_close(e_bias, -pmf.kT * min(a0, cap))
+        if capped:
+            assert np.max(np.abs(f_bias)) < 1e-9
+        else:
+            uncapped = _aldp_copy(aldp_system)
+            add_pmf_bias(uncapped, analytic, factor=-1, force_group=6, backend=backend)
+            _assert_close(f_bias, _energy_forces(_context(uncapped), x0, groups={6})[1])
+            assert np.max(np.abs(f_bias)) > 1e-3
+        e_total, _ = _energy_forces(c, x0)
+        _assert_close(e_total, _energy_forces(c_plain, x0)[0] - pmf.kT * min(a0, cap))
+    # swap keeps the cap (the last System: capped below A)
+    sim = app.Simulation(aldp_system.topology, system, openmm.VerletIntegrator(0.001), REFERENCE)
+    sim.context.setPositions(x0)
+    assert swap_pmf(sim, analytic) == 1
+    e = sim.context.getState(getEnergy=True, groups={6}).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    _assert_close(e, -pmf.kT * (a0 - 0.5))
+    # reweighting with the cap: log weights = -min(A, cap)
+    s = np.array([[0.1, 0.2], [-2.0, 2.5], [1.0, -1.0]])
+    a = pmf.mean(s)
+    cap = float(np.median(a))
+    np.testing.assert_allclose(reweight(s, analytic, factor=-1, cap_kT=cap).log_weights, -np.minimum(a, cap))
+    with pytest.raises(ValueError, match="cap_kT"):
+        add_pmf_bias(_aldp_copy(aldp_system), analytic, cap_kT=float("nan"))
+
+
 @pytest.mark.parametrize("periodic", [False, True])
 def test_python_backend_system_survives_xml_serialization(periodic, ensemble, aldp_system, tmp_path):
     """A System carrying the bias through the PythonForce backend round-trips XmlSerializer (as a file) and gives

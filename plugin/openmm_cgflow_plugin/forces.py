@@ -169,8 +169,8 @@ def add_pmf_bias(system: openmm.System, pmf_path, factor: float = -1.0, temperat
                  cg_atoms: Optional[Sequence[Sequence[int]]] = None, force_group: Optional[int] = None,
                  parameter: str = BIAS_PARAMETER, uses_pbc: Optional[bool] = None,
                  backend: Optional[str] = None, topology: Optional[app.Topology] = None,
-                 check_bonds: bool = True) -> openmm.Force:
-    """Add ``factor * kT * A(s(x))`` to an all-atom System and return the force.
+                 check_bonds: bool = True, cap_kT: Optional[float] = None) -> openmm.Force:
+    """Add ``factor * kT * A(s(x))`` (A capped at ``cap_kT``, if given) to an all-atom System and return the force.
 
     Args:
         system: the all-atom ``openmm.System`` (periodic or not); modified in place.
@@ -189,6 +189,11 @@ def add_pmf_bias(system: openmm.System, pmf_path, factor: float = -1.0, temperat
         topology: optional ``Topology`` of the System; its bonds are used for the bonded-chain check.
         check_bonds: refuse a quadruple that is not a bonded chain a-b-c-d (by the topology's bonds, else the
             System's HarmonicBondForce bonds and constraints; no check if neither has bonds).
+        cap_kT: use min(A, cap_kT) (kT, on the file's scale of A): where the PMF rates a region above the cap
+            the bias is flat, so a flattening bias (factor -1) does not push the molecule into regions that an
+            extrapolated PMF overrates, and reweighting factors stay below exp(cap_kT). Pass the same cap to
+            :func:`~openmm_cgflow_plugin.reweight.reweight`. Useful for d >= 3, where most of CG space is far
+            from any data.
     Returns the force (already added to ``system``).
     """
     pmf = load_pmf(pmf_path, temperature=temperature)
@@ -211,8 +216,11 @@ def add_pmf_bias(system: openmm.System, pmf_path, factor: float = -1.0, temperat
     if not math.isfinite(factor):
         raise ValueError(f"factor must be finite, got {factor}")
     pbc = system.usesPeriodicBoundaryConditions() if uses_pbc is None else bool(uses_pbc)
+    cap = math.inf if cap_kT is None else float(cap_kT)
+    if math.isnan(cap):
+        raise ValueError("cap_kT must be a number (kT) or None")
     cls = DihedralBiasPBC if pbc else DihedralBias
-    module = cls(pmf.module, quads, pmf.kT)
+    module = cls(pmf.module, quads, pmf.kT, cap)
     force = make_force(module, uses_pbc=pbc, global_parameters={str(parameter): factor}, force_group=force_group,
                        backend=backend)
     system.addForce(force)

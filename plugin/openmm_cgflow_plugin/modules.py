@@ -19,6 +19,8 @@ computes in the same dtype.
 
 from typing import List
 
+import math
+
 import torch
 from torch import nn
 
@@ -115,14 +117,17 @@ class CGWalkerEnergyPBC(CGWalkerEnergy):
 
 
 class DihedralBias(nn.Module):
-    """E [kJ/mol] = factor * kT * A(s(x)), s = dihedrals of ``cg_atoms`` (global parameter ``factor``)."""
+    """E [kJ/mol] = factor * kT * min(A(s(x)), cap_kT), s = dihedrals of ``cg_atoms`` (global parameter
+    ``factor``; ``cap_kT`` infinite by default: no cap)."""
 
     kT: float
+    cap_kT: float
 
-    def __init__(self, pmf: nn.Module, cg_atoms: List[List[int]], kT: float):
+    def __init__(self, pmf: nn.Module, cg_atoms: List[List[int]], kT: float, cap_kT: float = math.inf):
         super().__init__()
         self.pmf = pmf
         self.kT = float(kT)
+        self.cap_kT = float(cap_kT)
         self.register_buffer("quads", torch.tensor(cg_atoms, dtype=torch.long).reshape(-1, 4))
 
     @torch.jit.export
@@ -131,7 +136,7 @@ class DihedralBias(nn.Module):
         return dihedrals(positions, self.quads).unsqueeze(0)
 
     def forward(self, positions: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        a = self.pmf(self.cg(positions)).sum()
+        a = torch.clamp(self.pmf(self.cg(positions)).sum(), max=self.cap_kT)
         return factor.to(a.dtype) * self.kT * a
 
 
@@ -144,5 +149,5 @@ class DihedralBiasPBC(DihedralBias):
         return dihedrals_pbc(positions, self.quads, boxvectors.to(positions.dtype)).unsqueeze(0)
 
     def forward(self, positions: torch.Tensor, boxvectors: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        a = self.pmf(self.cg(positions, boxvectors)).sum()
+        a = torch.clamp(self.pmf(self.cg(positions, boxvectors)).sum(), max=self.cap_kT)
         return factor.to(a.dtype) * self.kT * a

@@ -148,7 +148,8 @@ def plot_marginals(pmf_path_or_model, png_path, pairs: Optional[Sequence[Sequenc
         pairs: coordinate index pairs (default :func:`~openmm_cgflow_plugin.marginals.residue_pairs`:
             (0, 1), (2, 3), ...).
         n_grid: bins per axis of each marginal; method, n_quadrature, n_mc, seed: how the other coordinates
-            are integrated out (:func:`~openmm_cgflow_plugin.marginals.marginal_free_energy`).
+            are integrated out (:func:`~openmm_cgflow_plugin.marginals.marginal_free_energy`; "importance",
+            the choice for d >= 4, draws one set of importance samples for all panels).
         points: optional CG points [M, d] overlaid on every panel (projected on the pair).
         vmax: upper limit (kT) of the free-energy colour scale (default: min(max, 99th percentile + 2)).
     Returns ``png_path``.
@@ -156,7 +157,7 @@ def plot_marginals(pmf_path_or_model, png_path, pairs: Optional[Sequence[Sequenc
     from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from .marginals import marginal_free_energy, residue_pairs
+    from .marginals import importance_samples, marginal_free_energy, residue_pairs
 
     pmf = as_pmf(pmf_path_or_model)
     pairs = residue_pairs(pmf.n_cg) if pairs is None else [tuple(int(a) for a in p) for p in pairs]
@@ -169,9 +170,10 @@ def plot_marginals(pmf_path_or_model, png_path, pairs: Optional[Sequence[Sequenc
     fig = Figure(figsize=(4.2 * len(pairs) + 0.8, 7.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = np.asarray(fig.subplots(2, len(pairs), squeeze=False))
+    samples = importance_samples(pmf, ranges=rng, seed=seed) if method == "importance" else None  # one set for all
     for col, (i, j) in enumerate(pairs):
         m = marginal_free_energy(pmf, (i, j), n_grid, rng, method=method, n_quadrature=n_quadrature, n_mc=n_mc,
-                                 seed=seed)
+                                 seed=seed, samples=samples)
         x, y = m.centres
         f = m.free_energy
         top = min(float(f.max()), float(np.percentile(f, 99)) + 2.0) if vmax is None else float(vmax)

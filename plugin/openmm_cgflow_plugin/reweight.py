@@ -80,12 +80,14 @@ def _from_log_weights(log_w: np.ndarray) -> Reweighting:
     return Reweighting(weights=normalised_weights(log_w), log_weights=log_w, ess=kish_ess(log_w))
 
 
-def reweight(s=None, pmf=None, factor: float = -1.0, bias_kT=None, bias_kJmol=None, temperature=None) -> Reweighting:
+def reweight(s=None, pmf=None, factor: float = -1.0, bias_kT=None, bias_kJmol=None, temperature=None,
+             cap_kT=None) -> Reweighting:
     """Unbiasing weights for frames of a run biased by ``factor * A(s)``.
 
     Give either ``s`` [F, d] (CG coordinates of the frames, radians) with ``pmf`` (the ``pmf.pt`` used for
     the bias) and ``factor``; or the per-frame bias energies directly: ``bias_kT`` [F] (V / kT) or
-    ``bias_kJmol`` [F] with ``temperature`` (K). The weights are exp(+V / kT), i.e. exp(factor * A(s)).
+    ``bias_kJmol`` [F] with ``temperature`` (K). The weights are exp(+V / kT), i.e. exp(factor * A(s)), with
+    A capped at ``cap_kT`` when the bias was (:func:`~openmm_cgflow_plugin.forces.add_pmf_bias`).
     """
     if bias_kT is not None:
         return _from_log_weights(bias_kT)
@@ -101,6 +103,8 @@ def reweight(s=None, pmf=None, factor: float = -1.0, bias_kT=None, bias_kJmol=No
         s = s[:, None] if pmf.n_cg == 1 else s[None, :]
     # The pmf.pt contract defines A on [-pi, pi) for dihedrals: wrap frames given in another convention.
     A = pmf.mean(wrap_periodic(s, pmf.periodic))
+    if cap_kT is not None:
+        A = np.minimum(A, float(cap_kT))
     return _from_log_weights(float(factor) * A)
 
 

@@ -10,6 +10,8 @@ parameter values over to the new force field.
 
 from __future__ import annotations
 
+import math
+
 from .backends import force_backend, force_parameters, plugin_forces
 from .forces import add_pmf_bias, walker_force
 from .pmf import load_pmf
@@ -46,7 +48,8 @@ def swap_pmf(simulation, pmf_path) -> int:
             if params:
                 name = params[0][0]
                 spec.update(parameter=name, factor=context.getParameter(name))
-            spec.update(kind="bias", cg_atoms=module.quads.tolist())
+            cap = float(getattr(module, "cap_kT", math.inf))
+            spec.update(kind="bias", cg_atoms=module.quads.tolist(), cap_kT=None if math.isinf(cap) else cap)
         else:
             spec.update(kind="walkers")
         replacements.append(spec)
