@@ -1,4 +1,4 @@
-"""All-atom alanine tetrapeptide biased by minus a learned six-dimensional PMF, reweighted, against plain MD (issue #14).
+"""All-atom alanine tetrapeptide biased by minus a learned six-dimensional PMF, reweighted, against plain MD.
 
 What: ``--walkers`` independent all-atom MD walkers of the registered ``alanine-tetrapeptide`` each run ``--ns``
 with the bias ``add_pmf_bias(system, pmf.pt, factor=-1)``: the potential becomes U(x) - kT A(s(x)), with
@@ -258,6 +258,16 @@ def _p(x: float) -> str:
     return f"{x:.4f}" if x == 0 or abs(x) >= 1e-3 or not np.isfinite(x) else f"{x:.1e}"
 
 
+def cap_from_quantile(pmf, q: float) -> float:
+    """The q-quantile (kT) of A under the PMF's own Boltzmann distribution exp(-A), from importance samples."""
+    from openmm_cgflow_plugin.marginals import importance_samples
+
+    smp = importance_samples(pmf, n_samples=200_000, seed=0)
+    a = smp.mean
+    order = np.argsort(a)
+    return float(a[order][np.searchsorted(np.cumsum(smp.weights[order]), q)])
+
+
 def frames_path(json_path: str) -> str:
     return os.path.splitext(json_path)[0] + "_frames.npz"
 
@@ -265,7 +275,8 @@ def frames_path(json_path: str) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pmf", required=True, help="six-dimensional pmf.pt of the alanine tetrapeptide")
-    ap.add_argument("--reference", required=True, help="benchmarks/tetra_md.py output dir (walker*/chunk_*.npz)")
+    ap.add_argument("--reference", required=True,
+                    help="benchmarks/tetra_md.py output dir (walker*/chunk_*.npz) or its --pack file")
     ap.add_argument("--ns", type=float, default=5.0, help="biased MD per walker (ns)")
     ap.add_argument("--walkers", type=int, default=2, help="biased walkers (one process each, seeds 7 + k)")
     ap.add_argument("--frame-steps", type=int, default=50, help="MD steps (2 fs) between recorded frames")
@@ -276,6 +287,9 @@ def main(argv=None) -> None:
     ap.add_argument("--cap-kT", type=float, default=None,
                     help="cap of A in the bias and the weights (add_pmf_bias(cap_kT=...)): the bias is flat where the "
                          "PMF rates a region above it (default: no cap)")
+    ap.add_argument("--cap-quantile", type=float, default=None,
+                    help="set the cap to this quantile of A under the PMF's own exp(-A) (importance samples of the "
+                         "learned PMF, no reference used), e.g. 0.999")
     args = ap.parse_args(argv)
     t_start = time.time()
     if args.quick:
@@ -295,6 +309,9 @@ def main(argv=None) -> None:
 
     _, _, _, cg_atoms = C.build_registered(NAME, hydrogen_mass=3.0)
     pmf = load_pmf(args.pmf, temperature=TEMPERATURE)
+    if args.cap_quantile is not None:
+        args.cap_kT = cap_from_quantile(pmf, args.cap_quantile)
+        print(f"cap: A = {args.cap_kT:.2f} kT, the {args.cap_quantile:g} quantile of A under exp(-A)", flush=True)
     file_quads = [tuple(int(i) for i in q) for q in pmf.cg_atoms]
     if file_quads != [tuple(q) for q in cg_atoms]:
         raise SystemExit(f"{args.pmf}: its cg_atoms {file_quads} are not {NAME}'s {cg_atoms}")
@@ -343,7 +360,8 @@ def main(argv=None) -> None:
                              machine=uname.machine, node=uname.node, cpu_count=os.cpu_count()),
                 openmm=openmm.__version__, torch=torch.__version__, pmf=os.path.abspath(args.pmf),
                 reference=os.path.abspath(args.reference), ns_per_walker=args.ns, walkers=len(biased),
-                frame_steps=args.frame_steps, temperature_K=TEMPERATURE, cap_kT=args.cap_kT, timing=timing, z_agree=Z_AGREE,
+                frame_steps=args.frame_steps, temperature_K=TEMPERATURE, cap_kT=args.cap_kT, timing=timing,
+                z_agree=Z_AGREE,
                 blocks_per_walker=N_BLOCKS_PER_WALKER, bootstrap_resamples=N_BOOTSTRAP, **res,
                 frames=(frames_path(args.json) if args.json and not args.from_frames else args.from_frames),
                 wall_s=time.time() - t_start)

@@ -111,7 +111,8 @@ def plot(ref: list[np.ndarray], learned: list[np.ndarray], klds: list[float], pn
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="run directory of cgflow run alanine-tetrapeptide")
-    ap.add_argument("--reference", required=True, help="benchmarks/tetra_md.py output directory")
+    ap.add_argument("--reference", required=True,
+                    help="benchmarks/tetra_md.py output directory or its --pack file (data/tetrapeptide_md.npz)")
     ap.add_argument("--frame-ps", type=float, default=1.0, help="the reference's frame interval (ps)")
     ap.add_argument("--samples", type=int, default=400_000, help="importance samples of the learned PMF")
     ap.add_argument("--rotations", type=int, default=4, help="held-out walker subsets for the MD comparison")

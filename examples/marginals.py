@@ -5,14 +5,14 @@ map: its 2-D marginals are, one Ramachandran panel per residue. This script:
 
 1. loads ``PMF`` (a pmf.pt; ``--demo`` writes a small analytic six-dimensional one first, so the script runs
    without a learned PMF),
-2. computes each residue's (phi, psi) marginal free energy from the PMF itself (quadrature or Monte Carlo over
-   the other coordinates, ``openmm_cgflow_plugin.marginals``),
+2. computes each residue's (phi, psi) marginal free energy from the PMF itself (quadrature, Monte Carlo or
+   importance sampling over the other coordinates, ``openmm_cgflow_plugin.marginals``),
 3. runs CG walkers on the PMF in OpenMM (several particles per walker for d > 3) and histograms their frames,
 4. prints, per residue, the forward KLD between the walkers' marginal and the PMF's (the walkers sample the
    PMF, so it shrinks as they run longer), and writes ``marginals.png`` (mean and spread per residue).
 
   python examples/marginals.py --demo --out runs/marginals            # analytic 6-D PMF (--quick: seconds)
-  python examples/marginals.py runs/tetra/pmf.pt --out runs/marginals  # a learned one
+  python examples/marginals.py runs/tetra/pmf.pt --method importance --out runs/marginals  # a learned one
 Units: radians, kT, ps.
 """
 
@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--ps", type=float, default=60.0, help="CG-walker time (ps) after 5 ps of equilibration")
     ap.add_argument("--bins", type=int, default=36, help="bins per dihedral of the marginals")
     ap.add_argument("--quick", action="store_true", help="200 walkers x 20 ps (a few seconds)")
+    ap.add_argument("--method", default="auto", choices=["auto", "quadrature", "mc", "importance"],
+                    help="how the other coordinates are integrated out; importance: the choice for a learned "
+                         "PMF whose mass sits in a small part of CG space (d >= 4)")
     args = ap.parse_args()
     if args.quick:
         args.walkers, args.ps = 200, 20.0
@@ -77,11 +80,11 @@ def main() -> None:
     print(f"CG walkers: {args.walkers} x {args.ps:g} ps -> {frames.shape[0] * frames.shape[1]:,} frames")
 
     for i, j in residue_pairs(pmf.n_cg):
-        exact = marginal_free_energy(pmf, (i, j), bins=args.bins)
+        exact = marginal_free_energy(pmf, (i, j), bins=args.bins, method=args.method)
         kld = marginal_kld(frames, (i, j), exact.probabilities, periodic=pmf.periodic)
         print(f"{pmf.cg_names[i]:>10s} / {pmf.cg_names[j]:<10s}  marginal by {exact.method}: KLD(PMF || walkers) "
               f"{kld:.4f}")
-    png = plot_marginals(path, os.path.join(args.out, "marginals.png"), n_grid=args.bins)
+    png = plot_marginals(path, os.path.join(args.out, "marginals.png"), n_grid=args.bins, method=args.method)
     print(f"wrote {png}")
 
 

@@ -132,11 +132,12 @@ class Marginal:
 @dataclass
 class ImportanceSamples:
     """Weighted samples of exp(-A): s [N, d] (radians / nm), log_w [N] (log weights, unnormalised; -inf for
-    samples outside non-periodic ranges), spread [N] (ensemble spread at s, kT). ``weights`` are the
-    normalised linear weights; ``ess`` Kish's effective sample size."""
+    samples outside non-periodic ranges), mean [N] and spread [N] (the PMF's mean A and ensemble spread at s,
+    kT). ``weights`` are the normalised linear weights; ``ess`` Kish's effective sample size."""
 
     s: np.ndarray
     log_w: np.ndarray
+    mean: np.ndarray
     spread: np.ndarray
 
     @property
@@ -208,7 +209,7 @@ def importance_samples(pmf, n_samples: int = 400_000, ranges: Optional[Sequence[
         np.full(len(s), -np.sum(np.log(width)))
     a, spread = _evaluate(pmf, s)
     log_w = np.where(inside, -a - log_q, -np.inf)
-    return ImportanceSamples(s, log_w, spread)
+    return ImportanceSamples(s, log_w, a, spread)
 
 
 def _centres(lo: float, hi: float, n: int) -> np.ndarray:
