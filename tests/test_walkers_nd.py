@@ -430,7 +430,8 @@ def test_importance_sampled_marginals_of_a_sharp_6d_pmf_match_the_exact_ones(tmp
         mc = marginal_free_energy(path, (k, k + 1), 100, method="mc", n_mc=30, seed=1)  # 3e5 evaluations as well
         assert kld < 0.01, (k, kld)
         assert kld < 0.5 * forward_kld(exact, mc.probabilities), (k, kld)
-        assert np.nanmax(np.abs(m.spread - (0.1 + np.abs(np.sin(m.centres[0])))[:, None] * (k == 0))) < 0.05 or k != 0
+        if k == 0:   # the spread, 0.1 + |sin phi_1| kT, is a function of this pair's first axis: bin by bin
+            assert np.nanmax(np.abs(m.spread - (0.1 + np.abs(np.sin(m.centres[0])))[:, None])) < 0.05
 
 
 def test_marginal_kld_is_the_metric_of_openmm_cgflow_metrics():
