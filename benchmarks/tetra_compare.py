@@ -93,13 +93,13 @@ def plot(ref: list[np.ndarray], learned: list[np.ndarray], klds: list[float], pn
     axes = fig.subplots(2, 3, squeeze=False)
     c = 0.5 * (np.linspace(-math.pi, math.pi, BINS + 1)[1:] + np.linspace(-math.pi, math.pi, BINS + 1)[:-1])
     for r in range(3):
-        for row, (p, what) in enumerate(((ref[r], "plain MD (reference)"), (learned[r], "learned PMF"))):
+        for row, (p, what) in enumerate(((ref[r], "plain MD"), (learned[r], "learned"))):
             f = -np.log(p)
             f -= f.min()
             ax = axes[row, r]
             im = ax.pcolormesh(c, c, np.minimum(f, 8.0).T, shading="auto", cmap="viridis", vmin=0, vmax=8)
             ax.contour(c, c, f.T, levels=np.arange(1, 8), colors="white", linewidths=0.4, alpha=0.6)
-            ax.set_title(f"{RESIDUES[r]}: {what}" + (f", KLD {klds[r]:.3f}" if row else ""))
+            ax.set_title(f"{RESIDUES[r]} {what}" + (f", KLD {klds[r]:.3f}" if row else ""), fontsize=10)
             ax.set_xlabel(f"phi {RESIDUES[r]} (rad)")
             ax.set_ylabel(f"psi {RESIDUES[r]} (rad)")
             ax.set_aspect("equal")
