@@ -152,12 +152,9 @@ class ImportanceSamples:
 
 
 def _evaluate(pmf: PMF, s: np.ndarray):
-    mean, spread = np.empty(len(s)), np.empty(len(s))
-    for i in range(0, len(s), _CHUNK):
-        with torch.no_grad():
-            m, sd = pmf.module.mean_and_spread(torch.as_tensor(s[i:i + _CHUNK]))
-        mean[i:i + _CHUNK], spread[i:i + _CHUNK] = m.double().numpy(), sd.double().numpy()
-    return mean, spread
+    """:meth:`PMF.mean_and_spread` at s [N, d] in chunks (bounded memory for large N)."""
+    parts = [pmf.mean_and_spread(s[i:i + _CHUNK]) for i in range(0, len(s), _CHUNK)]
+    return np.concatenate([m for m, _ in parts]), np.concatenate([sd for _, sd in parts])
 
 
 def importance_samples(pmf, n_samples: int = 400_000, ranges: Optional[Sequence[tuple]] = None,
