@@ -47,13 +47,7 @@ import tetra_md  # noqa: E402
 
 RESIDUES = ("ALA2", "ALA3", "ALA4")
 BINS = 100
-RANGE = [(-math.pi, math.pi)] * 2
 STEP_PS = 0.002
-
-
-def reference_probabilities(frames: np.ndarray) -> list[np.ndarray]:
-    """Per residue the metric's smoothed 100 x 100 probabilities of plain-MD frames [F, 6] (rad)."""
-    return [metrics.histogram_probabilities(frames[:, [2 * r, 2 * r + 1]], BINS, RANGE, True) for r in range(3)]
 
 
 def learned_probabilities(pmf_path: str, n_samples: int, seed: int):
@@ -124,10 +118,8 @@ def main() -> None:
 
     walkers = [w for w in tetra_md.load_frames(args.reference) if len(w)]
     allf = np.concatenate(walkers)
-    halves = [metrics.forward_kld(a, b) for a, b in zip(
-        reference_probabilities(np.concatenate([w[: len(w) // 2] for w in walkers])),
-        reference_probabilities(np.concatenate([w[len(w) // 2:] for w in walkers])))]
-    ref = reference_probabilities(allf)
+    halves = tetra_md.halves_kld(walkers)
+    ref = tetra_md.residue_probabilities(allf)
     records = [json.loads(line) for line in open(os.path.join(args.run, "iterations.jsonl"))]
     evals = int(records[-1]["energy_evaluations"])
     learned, ess = learned_probabilities(os.path.join(args.run, "pmf.pt"), args.samples, args.seed)
@@ -135,8 +127,8 @@ def main() -> None:
 
     md_rows = []
     for est, rest in md_subsets(walkers, evals, args.frame_ps, args.rotations):
-        held = reference_probabilities(rest)
-        md_rows.append({"md": [metrics.forward_kld(held[r], p) for r, p in enumerate(reference_probabilities(est))],
+        held = tetra_md.residue_probabilities(rest)
+        md_rows.append({"md": [metrics.forward_kld(held[r], p) for r, p in enumerate(tetra_md.residue_probabilities(est))],
                         "learned": [metrics.forward_kld(held[r], learned[r]) for r in range(3)],
                         "md_frames": len(est), "held_out_frames": len(rest)})
 

@@ -108,24 +108,29 @@ def load_frames(out: str) -> list[np.ndarray]:
     return walkers
 
 
-def report(out: str, frame_ps: float) -> None:
+def residue_probabilities(frames: np.ndarray) -> list[np.ndarray]:
+    """Per residue (phi_r, psi_r) the metric's smoothed 100 x 100 bin probabilities of frames [F, 6] (rad)."""
     from openmm_cgflow import metrics
 
+    rng = [(-np.pi, np.pi)] * 2
+    return [metrics.histogram_probabilities(frames[:, [2 * r, 2 * r + 1]], 100, rng, True) for r in range(3)]
+
+
+def halves_kld(walkers: list[np.ndarray]) -> list[float]:
+    """The reference's own error per residue: forward KLD from the first to the second half of every walker."""
+    from openmm_cgflow import metrics
+
+    first = residue_probabilities(np.concatenate([w[: len(w) // 2] for w in walkers]))
+    second = residue_probabilities(np.concatenate([w[len(w) // 2:] for w in walkers]))
+    return [metrics.forward_kld(a, b) for a, b in zip(first, second)]
+
+
+def report(out: str, frame_ps: float) -> None:
     walkers = load_frames(out)
     if not walkers:
         raise SystemExit(f"no frames under {out}")
     allf = np.concatenate(walkers)
-    first = np.concatenate([w[: len(w) // 2] for w in walkers])
-    second = np.concatenate([w[len(w) // 2:] for w in walkers])
-    rng = [(-np.pi, np.pi)] * 2
-    probs, halves = [], []
-    for r in range(3):
-        cols = [2 * r, 2 * r + 1]
-        p = metrics.histogram_probabilities(allf[:, cols], 100, rng, True)
-        p1 = metrics.histogram_probabilities(first[:, cols], 100, rng, True)
-        p2 = metrics.histogram_probabilities(second[:, cols], 100, rng, True)
-        probs.append(p)
-        halves.append(metrics.forward_kld(p1, p2))
+    probs, halves = residue_probabilities(allf), halves_kld(walkers)
     ns = len(allf) * frame_ps / 1000.0
     np.savez_compressed(os.path.join(out, "reference.npz"), probabilities=np.stack(probs), halves_kld=np.array(halves),
                         n_frames=len(allf), ns=ns, frame_ps=frame_ps)
