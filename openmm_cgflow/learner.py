@@ -436,7 +436,7 @@ class PMFLearner:
         """The PMF ensemble fitted to all labels so far."""
         return fit_ensemble(self.label_s, self.labels["A"], self.labels["stderr"], self.periodic,
                             n_models=self.settings.n_models, steps=self.settings.fit_steps,
-                            hidden=tuple(self.settings.ensemble_hidden),
+                            hidden=tuple(self.settings.ensemble_hidden), loss=self.settings.fit_loss,
                             seed=int(rng.integers(2**31)))
 
     def _export(self, k: int) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import registry
+from .ensemble_fit import LOSSES
 
 __all__ = ["LearnerSettings", "DTYPES", "ENERGY_PLATFORMS", "SettingsError", "did_you_mean", "estimate_memory", "check_memory",
            "physical_memory_bytes"]
@@ -156,8 +157,10 @@ class LearnerSettings:
     ``samples_per_point`` samples per point per epoch, ``points_per_batch`` points per step, learning rate
     ``lr`` decaying to ``lr_final`` within each iteration, ``forward_weight`` (see the Trainer).
     Labels: ``label_samples`` flow samples per new point. Ensemble: ``n_models`` networks, fitted in
-    ``fit_steps`` Adam steps, each network with hidden layers of the widths ``ensemble_hidden``
-    (:class:`~openmm_cgflow.ensemble_fit.EnsembleFitSettings`).
+    ``fit_steps`` Adam steps, each network with hidden layers of the widths ``ensemble_hidden``, with the loss
+    ``fit_loss`` (:class:`~openmm_cgflow.ensemble_fit.EnsembleFitSettings`): "exp" (default) fits the labels as
+    the importance-sampling estimates they are, averaging in exp(-A), where they are unbiased; "squared" averages
+    -log of the estimates, biased upward where the flow's ESS is low.
     Budgets: ``max_iterations``, ``max_evaluations`` (energy evaluations sent to OpenMM; None: no limit).
     Energies: ``n_workers`` local OpenMM worker processes (default one per core), or ``scheduler``, the
     address of a Dask scheduler (e.g. ``"tcp://host:8786"``) whose workers evaluate the energies, with
@@ -207,6 +210,7 @@ class LearnerSettings:
     n_models: int = 10
     fit_steps: int = 3000
     ensemble_hidden: list = field(default_factory=lambda: [64, 64])
+    fit_loss: str = "exp"
     max_iterations: int = 20
     max_evaluations: int | None = None
     n_workers: int | None = None
@@ -275,6 +279,9 @@ class LearnerSettings:
                                 f"{self.energy_platform!r}{did_you_mean(self.energy_platform, ENERGY_PLATFORMS)}")
         if self.flow_dtype not in DTYPES:
             raise SettingsError(f"setting flow_dtype must be one of {sorted(DTYPES)}, got {self.flow_dtype!r}")
+        if self.fit_loss not in LOSSES:
+            raise SettingsError(f"setting fit_loss must be one of {list(LOSSES)}, got {self.fit_loss!r}"
+                                f"{did_you_mean(self.fit_loss, LOSSES)}")
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             raise SettingsError("setting scheduler must be a Dask scheduler address such as 'tcp://host:8786', "
                                 f"got {self.scheduler!r}")
