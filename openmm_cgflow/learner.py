@@ -367,6 +367,11 @@ class PMFLearner:
         self.evaluations += self.bridge.n_evaluations - evals0
         self.wall_s += time.perf_counter() - t0
         self._check_change(record)
+        if self.converged:
+            t = time.perf_counter()
+            record.update(self._final_fit(k, rng))
+            record["phase_s"]["final_fit"] = round(time.perf_counter() - t, 3)
+            self.wall_s += time.perf_counter() - t
         record["energy_evaluations"] = int(self.evaluations)
         record["wall_s"] = round(self.wall_s, 3)
         record["converged"] = bool(self.converged)
@@ -432,12 +437,25 @@ class PMFLearner:
         self.trainer.optimizer.load_state_dict(state["optimizer"])
         self.trainer.step_count = state["step_count"]
 
-    def _fit(self, rng: np.random.Generator) -> PMFEnsemble:
-        """The PMF ensemble fitted to all labels so far."""
+    def _fit(self, rng: np.random.Generator, loss: str | None = None) -> PMFEnsemble:
+        """The PMF ensemble fitted to all labels so far (with ``loss``, default the setting ``fit_loss``)."""
         return fit_ensemble(self.label_s, self.labels["A"], self.labels["stderr"], self.periodic,
                             n_models=self.settings.n_models, steps=self.settings.fit_steps,
-                            hidden=tuple(self.settings.ensemble_hidden), loss=self.settings.fit_loss,
+                            hidden=tuple(self.settings.ensemble_hidden), loss=loss or self.settings.fit_loss,
                             seed=int(rng.integers(2**31)))
+
+    def _final_fit(self, k: int, rng: np.random.Generator) -> dict:
+        """When the run has just stopped by itself: refit the ensemble with ``final_fit_loss`` (if set and not
+        the loop's loss) and export it as this iteration's snapshot; returns the record's fields."""
+        st = self.settings
+        if st.final_fit_loss is None or st.final_fit_loss == st.fit_loss:
+            return {}
+        with self._phase_threads():
+            ensemble = self._fit(rng, loss=st.final_fit_loss)
+            self._check_ensemble(k, ensemble)
+            self.ensemble = ensemble
+            self._export(k)
+        return {"final_fit_loss": st.final_fit_loss}
 
     def _export(self, k: int) -> str:
         """The snapshot pmfs/pmf_NNN.pt of the ensemble (published as pmf.pt when the iteration commits);

@@ -158,9 +158,13 @@ class LearnerSettings:
     ``lr`` decaying to ``lr_final`` within each iteration, ``forward_weight`` (see the Trainer).
     Labels: ``label_samples`` flow samples per new point. Ensemble: ``n_models`` networks, fitted in
     ``fit_steps`` Adam steps, each network with hidden layers of the widths ``ensemble_hidden``, with the loss
-    ``fit_loss`` (:class:`~openmm_cgflow.ensemble_fit.EnsembleFitSettings`): "exp" (default) fits the labels as
-    the importance-sampling estimates they are, averaging in exp(-A), where they are unbiased; "squared" averages
-    -log of the estimates, biased upward where the flow's ESS is low.
+    ``fit_loss`` in every iteration and ``final_fit_loss`` for the PMF a run ends with when it stops by itself
+    (:class:`~openmm_cgflow.ensemble_fit.EnsembleFitSettings`). "exp" fits the labels as the
+    importance-sampling estimates they are, averaging in exp(-A), where they are unbiased; "squared" averages
+    -log of the estimates, biased upward where the flow's ESS is low, but extrapolates more tamely beyond the
+    labels, which is what the walkers explore during the run (with "exp" in the loop, alanine dipeptide's first
+    iterations sent the walkers to regions 30-160 kT off; benchmarks/RESULTS.md). None (default): no final
+    refit; a system whose labels have a low ESS sets "exp" in its registry settings.
     Budgets: ``max_iterations``, ``max_evaluations`` (energy evaluations sent to OpenMM; None: no limit).
     Energies: ``n_workers`` local OpenMM worker processes (default one per core), or ``scheduler``, the
     address of a Dask scheduler (e.g. ``"tcp://host:8786"``) whose workers evaluate the energies, with
@@ -210,7 +214,8 @@ class LearnerSettings:
     n_models: int = 10
     fit_steps: int = 3000
     ensemble_hidden: list = field(default_factory=lambda: [64, 64])
-    fit_loss: str = "exp"
+    fit_loss: str = "squared"
+    final_fit_loss: str | None = None
     max_iterations: int = 20
     max_evaluations: int | None = None
     n_workers: int | None = None
@@ -279,9 +284,11 @@ class LearnerSettings:
                                 f"{self.energy_platform!r}{did_you_mean(self.energy_platform, ENERGY_PLATFORMS)}")
         if self.flow_dtype not in DTYPES:
             raise SettingsError(f"setting flow_dtype must be one of {sorted(DTYPES)}, got {self.flow_dtype!r}")
-        if self.fit_loss not in LOSSES:
-            raise SettingsError(f"setting fit_loss must be one of {list(LOSSES)}, got {self.fit_loss!r}"
-                                f"{did_you_mean(self.fit_loss, LOSSES)}")
+        for name in ("fit_loss", "final_fit_loss"):
+            value = getattr(self, name)
+            if value not in LOSSES and not (name == "final_fit_loss" and value is None):
+                raise SettingsError(f"setting {name} must be one of {list(LOSSES)}, got {value!r}"
+                                    f"{did_you_mean(value, LOSSES)}")
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             raise SettingsError("setting scheduler must be a Dask scheduler address such as 'tcp://host:8786', "
                                 f"got {self.scheduler!r}")
