@@ -263,3 +263,30 @@ def test_a_degraded_flow_is_trained_again_and_cannot_overwrite_good_labels(tmp_p
         assert torch.equal(v, flow_before[k])
     learner.close()
     assert RunDirectory(tmp_path / "run").load_checkpoint()["lr_scale"] == 0.5
+
+
+def test_a_run_that_stops_by_itself_ends_with_the_final_fit_loss(tmp_path, mb):
+    """The loop fits with ``fit_loss`` ("squared"); the PMF published when the run stops by itself (here by the
+    change rule after two iterations) is the ensemble refitted with ``final_fit_loss`` ("exp"): pmf.pt and its
+    snapshot are that ensemble, and the record says so. A run stopped by a budget keeps the loop's fit."""
+    st = LearnerSettings.for_system(mb, first_epochs=5, epochs=3, max_iterations=3, n_workers=0, seed=1,
+                                    walker_steps=200, n_walkers=10, fit_steps=300, change_tolerance_kT=1e3,
+                                    change_patience=1, final_fit_loss="exp")
+    learner = PMFLearner(mb, tmp_path / "run", st, progress=False, plots=False)
+    learner.run()
+    recs = _records(tmp_path / "run")
+    assert recs[-1]["converged"] and recs[-1]["final_fit_loss"] == "exp" and "final_fit" in recs[-1]["phase_s"]
+    assert all("final_fit_loss" not in r for r in recs[:-1])
+    assert learner.ensemble.fit_info["loss"] == "exp"
+    with torch.no_grad():
+        mine = learner.ensemble(torch.as_tensor(mb_bin_centres()[:, None])).numpy()
+    k = recs[-1]["iteration"]
+    for name in ("pmf.pt", f"pmfs/pmf_{k:03d}.pt"):
+        np.testing.assert_allclose(_pmf_on_grid(tmp_path / "run", name), mine, atol=1e-6)
+
+    budget = LearnerSettings.for_system(mb, first_epochs=5, epochs=3, max_iterations=1, n_workers=0, seed=1,
+                                        walker_steps=200, n_walkers=10, fit_steps=300, final_fit_loss="exp")
+    other = PMFLearner(mb, tmp_path / "budget", budget, progress=False, plots=False)
+    other.run()
+    assert other.ensemble.fit_info["loss"] == "squared"
+    assert "final_fit_loss" not in _records(tmp_path / "budget")[-1]

@@ -74,6 +74,8 @@ def _run_refused(capsys, tmp_path, *args):
     ('energy_platform = "Referense"', ["energy_platform", "did you mean 'Reference'"]),
     ("ensemble_hidden = [64, 0]", ["ensemble_hidden", "integers >= 1"]),
     ("change_tolerance_kT = 0", ["change_tolerance_kT", "> 0"]),
+    ('final_fit_loss = "expo"', ["final_fit_loss", "did you mean 'exp'"]),
+    ('fit_loss = "square"', ["fit_loss", "did you mean 'squared'"]),
 ])
 def test_bad_settings_in_a_config_are_refused_before_any_work(capsys, tmp_path, settings, words):
     cfg = _toml(tmp_path, f'[system]\nbuiltin = "mueller-brown"\n[settings]\n{settings}\n')
