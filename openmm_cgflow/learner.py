@@ -369,9 +369,11 @@ class PMFLearner:
         self._check_change(record)
         if self.converged:
             t = time.perf_counter()
-            record.update(self._final_fit(k, rng))
-            record["phase_s"]["final_fit"] = round(time.perf_counter() - t, 3)
-            self.wall_s += time.perf_counter() - t
+            refit = self._final_fit(k, rng)
+            if refit:
+                record.update(refit)
+                record["phase_s"]["final_fit"] = round(time.perf_counter() - t, 3)
+                self.wall_s += time.perf_counter() - t
         record["energy_evaluations"] = int(self.evaluations)
         record["wall_s"] = round(self.wall_s, 3)
         record["converged"] = bool(self.converged)
