@@ -371,9 +371,10 @@ class PMFLearner:
             t = time.perf_counter()
             refit = self._final_fit(k, rng)
             if refit:
+                elapsed = time.perf_counter() - t
                 record.update(refit)
-                record["phase_s"]["final_fit"] = round(time.perf_counter() - t, 3)
-                self.wall_s += time.perf_counter() - t
+                record["phase_s"]["final_fit"] = round(elapsed, 3)
+                self.wall_s += elapsed
         record["energy_evaluations"] = int(self.evaluations)
         record["wall_s"] = round(self.wall_s, 3)
         record["converged"] = bool(self.converged)
