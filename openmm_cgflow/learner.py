@@ -21,7 +21,9 @@ and is reported to the reporters (:mod:`openmm_cgflow.reporting`).
 
 The run stops by itself when the walkers find no point above the threshold within their CG-step budget, or
 when the PMF stopped changing (``change_tolerance_kT``; :mod:`openmm_cgflow.convergence`): no ground truth
-needed; or on the iteration / energy-evaluation budgets. An iteration that made the flow worse where it had
+needed; or on the iteration / energy-evaluation budgets. A run that stops by itself may end with a polish (``polish_epochs``:
+the flow trained again where the PMF is populated, those labels drawn again with more samples) and a final fit
+(``final_fit_loss``), published as the last iteration's PMF. An iteration that made the flow worse where it had
 learned is trained again (:mod:`openmm_cgflow.labelling`). Running again with the same directory resumes
 after the last committed iteration (a crash inside one is repaired first), with the same numbers for the same
 seed and thread count. A learner holds the run directory's lock from its creation until
@@ -54,7 +56,9 @@ from .convergence import change_says_stop, pmf_change
 from .exploration import clip_to_domain, farthest_points, find_uncertain, neighbourhood
 from .finite_checks import LABEL_LIMIT_KT, check_ensemble, check_finite_parameters, check_labels, probe_grid
 from .flow import flow_for, resolve_device
-from .labelling import DEGRADED_ESS_RATIO, draw_labels, merge_labels, relabel_ess_ratio
+from .free_energy import free_energy
+from .labelling import (DEGRADED_ESS_RATIO, draw_labels, merge_labels, populated_labels, relabel_ess_ratio,
+                        replace_labels)
 from .model_io import model_bytes, system_from_dict, system_to_dict
 from .reporting import ConsoleReporter, PlotReporter
 from .run_directory import RunDirectory, json_ready
@@ -364,17 +368,11 @@ class PMFLearner:
         record["train_cpu_load"] = round(float(self._train_load), 3)  # mean busy cores while the flow trained
         record["torch_threads"] = {phase: (dict(sorted(tuner.choices.items())) if tuner is not None else None)
                                    for phase, tuner in self._tuners.items()}
-        self.evaluations += self.bridge.n_evaluations - evals0
-        self.wall_s += time.perf_counter() - t0
         self._check_change(record)
         if self.converged:
-            t = time.perf_counter()
-            refit = self._final_fit(k, rng)
-            if refit:
-                elapsed = time.perf_counter() - t
-                record.update(refit)
-                record["phase_s"]["final_fit"] = round(elapsed, 3)
-                self.wall_s += elapsed
+            record.update(self._finish(k, rng, gen, record["phase_s"]))
+        self.evaluations += self.bridge.n_evaluations - evals0
+        self.wall_s += time.perf_counter() - t0
         record["energy_evaluations"] = int(self.evaluations)
         record["wall_s"] = round(self.wall_s, 3)
         record["converged"] = bool(self.converged)
@@ -447,18 +445,55 @@ class PMFLearner:
                             hidden=tuple(self.settings.ensemble_hidden), loss=loss or self.settings.fit_loss,
                             seed=int(rng.integers(2**31)))
 
-    def _final_fit(self, k: int, rng: np.random.Generator) -> dict:
-        """When the run has just stopped by itself: refit the ensemble with ``final_fit_loss`` (if set and not
-        the loop's loss) and export it as this iteration's snapshot; returns the record's fields."""
+    def _finish(self, k: int, rng: np.random.Generator, gen: torch.Generator, phase_s: dict) -> dict:
+        """When the run has just stopped by itself: the polish (if ``polish_epochs``), then a final fit with
+        ``final_fit_loss`` (else ``fit_loss``) when the labels were polished or that loss differs from the loop's,
+        exported as this iteration's snapshot. Returns the record's fields; adds the phases' seconds to
+        ``phase_s``."""
         st = self.settings
-        if st.final_fit_loss is None or st.final_fit_loss == st.fit_loss:
-            return {}
-        with self._phase_threads():
-            ensemble = self._fit(rng, loss=st.final_fit_loss)
-            self._check_ensemble(k, ensemble)
-            self.ensemble = ensemble
-            self._export(k)
-        return {"final_fit_loss": st.final_fit_loss}
+        out = {}
+        if st.polish_epochs:
+            t = time.perf_counter()
+            out.update(self._polish(k, gen))
+            phase_s["polish"] = round(time.perf_counter() - t, 3)
+        loss = st.final_fit_loss or st.fit_loss
+        if out.get("polished_labels") or loss != st.fit_loss:
+            t = time.perf_counter()
+            with self._phase_threads():
+                ensemble = self._fit(rng, loss=loss)
+                self._check_ensemble(k, ensemble)
+                self.ensemble = ensemble
+                self._export(k)
+            out["final_fit_loss"] = loss
+            phase_s["final_fit"] = round(time.perf_counter() - t, 3)
+        return out
+
+    def _polish(self, k: int, gen: torch.Generator) -> dict:
+        """Train the flow at the populated labelled points (:func:`~openmm_cgflow.labelling.populated_labels`)
+        and label them again with ``polish_samples`` samples; returns the record's fields. When the new labels'
+        ESS is lower than the earlier ones' (median ratio < 1), the earlier flow and labels are kept."""
+        st = self.settings
+        idx = populated_labels(self.mean_and_spread(self.label_s)[0], st.polish_window_kT, st.polish_max_points)
+        points = self.label_s[idx]
+        before = self._flow_state()
+        self._trainer().train_by_energy(points, st.polish_epochs, lr=st.polish_lr, lr_final=st.lr_final,
+                                        generator=gen, energy=self.bridge)
+        check_finite_parameters(self.flow)
+        again = free_energy(self.flow, self.cgsystem, self.bridge, points, st.polish_samples, generator=gen,
+                            threads=self._tuners["label"])
+        ratio = relabel_ess_ratio(self.labels["ess"][idx], again)
+        out = {"polish_points": int(len(idx)), "polish_ess_ratio": ratio,
+               "polish_ess_before": float(np.mean(self.labels["ess"][idx])),
+               "polish_ess_after": float(np.mean(np.nan_to_num(again.ess_fraction, nan=0.0)))}
+        if ratio < 1.0:
+            # The polish made the flow worse where it was meant to improve it: keep the earlier flow and labels.
+            self.log(f"polish: the labels' ESS fell to {ratio:.2f} of the earlier ones' (median); kept the earlier "
+                     "flow and labels")
+            self._restore_flow_state(before)
+            return dict(out, polished_labels=0)
+        n = replace_labels(self.labels, idx, again, k)
+        self._check_labels(k)
+        return dict(out, polished_labels=n)
 
     def _export(self, k: int) -> str:
         """The snapshot pmfs/pmf_NNN.pt of the ensemble (published as pmf.pt when the iteration commits);

@@ -62,6 +62,8 @@ _FIELD_RULES = (
     ("max_iterations", "int", 1), ("max_evaluations", "int?", 1), ("n_workers", "int?", 0),
     ("chunk_timeout", "pos?", None), ("worker_wait", "pos", None), ("seed", "int", 0),
     ("torch_threads", "int?", 1), ("change_tolerance_kT", "pos?", None), ("change_patience", "int", 1),
+    ("polish_epochs", "int", 0), ("polish_window_kT", "pos", None), ("polish_max_points", "int", 1),
+    ("polish_samples", "int", 1), ("polish_lr", "pos", None),
 )
 
 
@@ -164,7 +166,15 @@ class LearnerSettings:
     -log of the estimates, biased upward where the flow's ESS is low, but extrapolates more tamely beyond the
     labels, which is what the walkers explore during the run (with "exp" in the loop, alanine dipeptide's first
     iterations sent the walkers to regions 30-160 kT off; benchmarks/RESULTS.md). None (default): no final
-    refit; a system whose labels have a low ESS sets "exp" in its registry settings.
+    refit.
+    Polish: when a run stops by itself and ``polish_epochs`` > 0, the flow is trained ``polish_epochs`` more
+    epochs (peak learning rate ``polish_lr``, decaying to ``lr_final``) at the labelled points where the fitted
+    PMF lies within ``polish_window_kT`` of its minimum (at most ``polish_max_points``, the lowest), those
+    points are labelled again with ``polish_samples`` samples each (the new label replaces the old), and the
+    ensemble is refitted. The populated region is where the PMF's errors weigh most and where the labels' ESS
+    is lowest (the flow's ESS falls where the molecule's fine coordinates are most varied); cost
+    ``n x (polish_epochs x samples_per_point + polish_samples)`` evaluations for n points. 0 (default): no
+    polish; alanine dipeptide's registry turns it on (benchmarks/RESULTS.md).
     Budgets: ``max_iterations``, ``max_evaluations`` (energy evaluations sent to OpenMM; None: no limit).
     Energies: ``n_workers`` local OpenMM worker processes (default one per core), or ``scheduler``, the
     address of a Dask scheduler (e.g. ``"tcp://host:8786"``) whose workers evaluate the energies, with
@@ -216,6 +226,11 @@ class LearnerSettings:
     ensemble_hidden: list = field(default_factory=lambda: [64, 64])
     fit_loss: str = "squared"
     final_fit_loss: str | None = None
+    polish_epochs: int = 0
+    polish_window_kT: float = 6.0
+    polish_max_points: int = 400
+    polish_samples: int = 384
+    polish_lr: float = 3e-4
     max_iterations: int = 20
     max_evaluations: int | None = None
     n_workers: int | None = None
