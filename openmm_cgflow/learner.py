@@ -74,6 +74,10 @@ __all__ = ["PMFLearner", "LABEL_LIMIT_KT"]
 #: previous flow at half the learning rate, at most MAX_RETRAINS times; the earlier labels are then kept.
 MAX_RETRAINS = 1
 
+#: Learning-rate warm-up of the polish (optimiser steps): it continues a trained flow at a lower learning rate, and
+#: has only ~100 steps (the loop's 50-step warm-up left the alanine-dipeptide polish half as effective).
+POLISH_WARMUP_STEPS = 20
+
 #: Keys a checkpoint must hold to be resumed.
 CHECKPOINT_KEYS = ("system", "settings", "iteration", "points", "label_s", "labels", "pending", "evaluations",
                    "wall_s", "history", "converged", "flow_state", "optimizer_state", "step_count")
@@ -438,17 +442,18 @@ class PMFLearner:
         self.trainer.optimizer.load_state_dict(state["optimizer"])
         self.trainer.step_count = state["step_count"]
 
-    def _fit(self, rng: np.random.Generator, loss: str | None = None) -> PMFEnsemble:
-        """The PMF ensemble fitted to all labels so far (with ``loss``, default the setting ``fit_loss``)."""
+    def _fit(self, rng: np.random.Generator, loss: str | None = None, steps: int | None = None) -> PMFEnsemble:
+        """The PMF ensemble fitted to all labels so far (with ``loss`` and ``steps``, default the settings
+        ``fit_loss`` and ``fit_steps``)."""
         return fit_ensemble(self.label_s, self.labels["A"], self.labels["stderr"], self.periodic,
-                            n_models=self.settings.n_models, steps=self.settings.fit_steps,
+                            n_models=self.settings.n_models, steps=steps or self.settings.fit_steps,
                             hidden=tuple(self.settings.ensemble_hidden), loss=loss or self.settings.fit_loss,
                             seed=int(rng.integers(2**31)))
 
     def _finish(self, k: int, rng: np.random.Generator, gen: torch.Generator, phase_s: dict) -> dict:
         """When the run has just stopped by itself: the polish (if ``polish_epochs``), then a final fit with
-        ``final_fit_loss`` (else ``fit_loss``) when the labels were polished or that loss differs from the loop's,
-        exported as this iteration's snapshot. Returns the record's fields; adds the phases' seconds to
+        ``final_fit_loss`` and ``final_fit_steps`` (else ``fit_loss`` and ``fit_steps``) when the labels were
+        polished or these differ from the loop's, exported as this iteration's snapshot. Returns the record's fields; adds the phases' seconds to
         ``phase_s``."""
         st = self.settings
         out = {}
@@ -457,10 +462,11 @@ class PMFLearner:
             out.update(self._polish(k, gen))
             phase_s["polish"] = round(time.perf_counter() - t, 3)
         loss = st.final_fit_loss or st.fit_loss
-        if out.get("polished_labels") or loss != st.fit_loss:
+        steps = st.final_fit_steps or st.fit_steps
+        if out.get("polished_labels") or loss != st.fit_loss or steps != st.fit_steps:
             t = time.perf_counter()
             with self._phase_threads():
-                ensemble = self._fit(rng, loss=loss)
+                ensemble = self._fit(rng, loss=loss, steps=steps)
                 self._check_ensemble(k, ensemble)
                 self.ensemble = ensemble
                 self._export(k)
@@ -477,8 +483,11 @@ class PMFLearner:
         points = self.label_s[idx]
         before = self._flow_state()
         self._trainer().train_by_energy(points, st.polish_epochs, lr=st.polish_lr, lr_final=st.lr_final,
-                                        generator=gen, energy=self.bridge)
-        check_finite_parameters(self.flow)
+                                        generator=gen, energy=self.bridge, warmup_steps=POLISH_WARMUP_STEPS)
+        if not all(torch.isfinite(p).all() for p in self.flow.parameters()):
+            self.log("polish: the flow's parameters became non-finite; kept the earlier flow and labels")
+            self._restore_flow_state(before)
+            return {"polish_points": int(len(idx)), "polish_ess_ratio": 0.0, "polished_labels": 0}
         again = free_energy(self.flow, self.cgsystem, self.bridge, points, st.polish_samples, generator=gen,
                             threads=self._tuners["label"])
         ratio = relabel_ess_ratio(self.labels["ess"][idx], again)

@@ -63,7 +63,7 @@ _FIELD_RULES = (
     ("chunk_timeout", "pos?", None), ("worker_wait", "pos", None), ("seed", "int", 0),
     ("torch_threads", "int?", 1), ("change_tolerance_kT", "pos?", None), ("change_patience", "int", 1),
     ("polish_epochs", "int", 0), ("polish_window_kT", "pos", None), ("polish_max_points", "int", 1),
-    ("polish_samples", "int", 1), ("polish_lr", "pos", None),
+    ("polish_samples", "int", 1), ("polish_lr", "pos", None), ("final_fit_steps", "int?", 1),
 )
 
 
@@ -166,7 +166,7 @@ class LearnerSettings:
     -log of the estimates, biased upward where the flow's ESS is low, but extrapolates more tamely beyond the
     labels, which is what the walkers explore during the run (with "exp" in the loop, alanine dipeptide's first
     iterations sent the walkers to regions 30-160 kT off; benchmarks/RESULTS.md). None (default): no final
-    refit.
+    refit. ``final_fit_steps``: the Adam steps of that final fit (None: ``fit_steps``).
     Polish: when a run stops by itself and ``polish_epochs`` > 0, the flow is trained ``polish_epochs`` more
     epochs (peak learning rate ``polish_lr``, decaying to ``lr_final``) at the labelled points where the fitted
     PMF lies within ``polish_window_kT`` of its minimum (at most ``polish_max_points``, the lowest), those
@@ -226,6 +226,7 @@ class LearnerSettings:
     ensemble_hidden: list = field(default_factory=lambda: [64, 64])
     fit_loss: str = "squared"
     final_fit_loss: str | None = None
+    final_fit_steps: int | None = None
     polish_epochs: int = 0
     polish_window_kT: float = 6.0
     polish_max_points: int = 400

@@ -221,7 +221,8 @@ class Trainer:
         return True
 
     def train_by_energy(self, s_points, epochs: int, lr_final: float | None = None, *, lr: float | None = None,
-                        generator: torch.Generator | None = None, energy=None) -> list[EpochLog]:
+                        generator: torch.Generator | None = None, energy=None,
+                        warmup_steps: int | None = None) -> list[EpochLog]:
         """Reverse-KL training at CG points s_points [M, n_cg] (radians / nm) for ``epochs`` epochs.
 
         An epoch visits every point ``samples_per_point`` times, ``points_per_batch`` points per step.
@@ -229,6 +230,7 @@ class Trainer:
         ``lr`` (peak learning rate), ``generator`` (point shuffling and flow samples) and ``energy`` (the
         energy object, u in kT), when given, replace the trainer's settings from this call on (None keeps
         the current one), exactly as assigning ``trainer.lr`` / ``.generator`` / ``.energy`` would.
+        ``warmup_steps``, when given, replaces the trainer's learning-rate warm-up for this call only.
         Returns the epochs' logs (also appended to ``self.history``).
         """
         if lr is not None:
@@ -241,6 +243,15 @@ class Trainer:
             raise ValueError("train_by_energy needs an energy object (EnergyBridge)")
         s_points = torch.as_tensor(np.asarray(s_points, dtype=np.float64)).reshape(len(s_points), -1)
         self._call_start = self.step_count
+        warmup = self.warmup_steps
+        if warmup_steps is not None:
+            self.warmup_steps = int(warmup_steps)
+        try:
+            return self._epochs_by_energy(s_points, epochs, lr_final)
+        finally:
+            self.warmup_steps = warmup
+
+    def _epochs_by_energy(self, s_points: torch.Tensor, epochs: int, lr_final: float | None) -> list[EpochLog]:
         m = s_points.shape[0]
         k = self.samples_per_point
         ppb = max(1, min(self.points_per_batch, m))

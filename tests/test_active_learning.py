@@ -290,3 +290,67 @@ def test_a_run_that_stops_by_itself_ends_with_the_final_fit_loss(tmp_path, mb):
     other.run()
     assert other.ensemble.fit_info["loss"] == "squared"
     assert "final_fit_loss" not in _records(tmp_path / "budget")[-1]
+
+
+def _polish_run(path, mb, **polish):
+    st = LearnerSettings.for_system(mb, first_epochs=5, epochs=3, max_iterations=3, n_workers=0, seed=1,
+                                    walker_steps=200, n_walkers=10, fit_steps=300, change_tolerance_kT=1e3,
+                                    change_patience=1, **polish)
+    learner = PMFLearner(mb, path, st, progress=False, plots=False)
+    learner.run()
+    return learner, _records(path), RunDirectory(path).load_checkpoint()
+
+
+def test_a_run_that_stops_by_itself_is_polished_and_a_harmful_polish_is_undone(tmp_path, mb, monkeypatch):
+    """The polish trains the flow at the populated labels and labels them again: against the same run without a
+    polish, exactly the polished labels (the lowest of the fitted PMF) changed, the extra evaluations are
+    n x (epochs x samples_per_point + polish_samples), and pmf.pt is the refit. A polish that lowers the labels'
+    ESS or leaves the flow non-finite is undone."""
+    plain, plain_recs, plain_ck = _polish_run(tmp_path / "plain", mb)
+    polish = dict(polish_epochs=20, polish_window_kT=3.0, polish_max_points=12, polish_samples=300, polish_lr=3e-3)
+    learner, recs, ck = _polish_run(tmp_path / "polished", mb, **polish)
+    rec, k = recs[-1], recs[-1]["iteration"]
+    assert rec["converged"] and "polish" in rec["phase_s"] and len(recs) == len(plain_recs)
+    n = rec["polish_points"]
+    assert 0 < n <= 12
+    per_point = 20 * learner.settings.samples_per_point + 300
+    assert rec["energy_evaluations"] - plain_recs[-1]["energy_evaluations"] == n * per_point
+    # this flow, trained only 5 + 3 epochs, gains ESS where it is polished: the new labels are kept
+    assert rec["polish_ess_ratio"] >= 1.0 and rec["polished_labels"] == n and rec["final_fit_loss"] == "squared"
+    changed = np.flatnonzero(ck["labels"]["A"] != plain_ck["labels"]["A"])
+    assert len(changed) == n
+    np.testing.assert_array_equal(ck["labels"]["iteration"][changed], k)
+    np.testing.assert_allclose(np.mean(ck["labels"]["ess"][changed]), rec["polish_ess_after"], rtol=1e-9)
+    # the polished points are the lowest of the plain run's final PMF at the labels
+    with torch.no_grad():
+        plain_at_labels = plain.ensemble(torch.as_tensor(plain_ck["label_s"])).numpy()
+    lowest = np.argsort(plain_at_labels)[:n]
+    assert set(changed) == set(lowest)
+    with torch.no_grad():
+        mine = learner.ensemble(torch.as_tensor(mb_bin_centres()[:, None])).numpy()
+    np.testing.assert_allclose(_pmf_on_grid(tmp_path / "polished"), mine, atol=1e-6)
+
+    # A polish that harms the flow (its training is followed here by a perturbation of the flow's parameters:
+    # noise, or a NaN) is undone: flow, labels and PMF are exactly those of the plain run.
+    from openmm_cgflow.training import Trainer
+
+    train = Trainer.train_by_energy
+    for harm in ("noise", "nan"):
+        def harmful(self, s_points, epochs, *args, **kwargs):
+            logs = train(self, s_points, epochs, *args, **kwargs)
+            if epochs == polish["polish_epochs"]:  # the polish (the loop trains 5 and 3 epochs)
+                gen = torch.Generator().manual_seed(0)
+                with torch.no_grad():
+                    for p in self.flow.parameters():
+                        p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype)) if harm == "noise" else p.fill_(np.nan)
+            return logs
+
+        monkeypatch.setattr(Trainer, "train_by_energy", harmful)
+        _, harmed_recs, harmed_ck = _polish_run(tmp_path / harm, mb, **polish)
+        rec = harmed_recs[-1]
+        assert rec["polish_ess_ratio"] < 1.0 and rec["polished_labels"] == 0 and "final_fit_loss" not in rec, harm
+        for key in ("A", "stderr", "ess", "iteration"):
+            np.testing.assert_array_equal(harmed_ck["labels"][key], plain_ck["labels"][key])
+        for name, value in plain_ck["flow_state"].items():
+            assert torch.equal(harmed_ck["flow_state"][name], value), name
+        np.testing.assert_allclose(_pmf_on_grid(tmp_path / harm), _pmf_on_grid(tmp_path / "plain"), atol=1e-9)

@@ -76,6 +76,9 @@ def _run_refused(capsys, tmp_path, *args):
     ("change_tolerance_kT = 0", ["change_tolerance_kT", "> 0"]),
     ('final_fit_loss = "expo"', ["final_fit_loss", "did you mean 'exp'"]),
     ('fit_loss = "square"', ["fit_loss", "did you mean 'squared'"]),
+    ("polish_epochs = -5", ["polish_epochs", ">= 0"]),
+    ("polish_window_kT = 0.0", ["polish_window_kT", "> 0"]),
+    ("polish_samples = 0", ["polish_samples", ">= 1"]),
 ])
 def test_bad_settings_in_a_config_are_refused_before_any_work(capsys, tmp_path, settings, words):
     cfg = _toml(tmp_path, f'[system]\nbuiltin = "mueller-brown"\n[settings]\n{settings}\n')

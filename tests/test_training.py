@@ -194,6 +194,23 @@ def test_polar_toy_pmf_matches_quadrature():
     assert lab.ess_fraction.min() >= 0.9, lab.ess_fraction.min()
 
 
+def test_a_call_may_replace_the_warmup_for_itself_only():
+    """The learning rate of a call's first steps is lr x (step + 1) / warmup_steps; a call's own warmup_steps
+    replaces the trainer's for that call only."""
+    coords, energy = PolarCoordinates(), TorchEnergy(toy_potential)
+    flow = ConditionalFlow(1, [False], 1, [True], n_layers=1, hidden=(8,), init_seed=0)
+    trainer = Trainer(flow, coords, energy, lr=1e-3, warmup_steps=50, warmup_each_call=True, samples_per_point=4,
+                      points_per_batch=4, seed=0, progress=False)
+    s_pts = np.zeros((4, 1))  # one step per epoch
+    trainer.train_by_energy(s_pts, 1)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 50)
+    trainer.train_by_energy(s_pts, 2, warmup_steps=2)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # second step of a 2-step warm-up
+    assert trainer.warmup_steps == 50
+    trainer.train_by_energy(s_pts, 1)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 50)
+
+
 def _train_mueller_brown(mb, bridge, epochs, affine_last=False):
     """Flow trained by energy alone through OpenMM at 64 CG points on [-2.5, 1.1]; labels from 1000 samples."""
     torch.manual_seed(0)
