@@ -551,6 +551,7 @@ def cross_reference_ranking(curves, xref, runs) -> tuple[list[str], dict]:
 def plot(curves, extrap, levels, png: str, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(12, 4.8))
     FigureCanvasAgg(fig)
@@ -585,6 +586,7 @@ def plot(curves, extrap, levels, png: str, title: str) -> None:
         ax.set_xlabel(xl)
         ax.set_ylabel("forward KLD to reference (nats)")
         ax.grid(True, which="major", alpha=0.3)
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
     axes[0].legend(fontsize=7, loc="lower left")
     axes[0].set_title("KLD vs energy evaluations (dashed: secondary estimator)", fontsize=10)
     axes[1].set_title("KLD vs wall time, 2 cores", fontsize=10)

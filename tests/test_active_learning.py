@@ -291,6 +291,15 @@ def test_a_run_that_stops_by_itself_ends_with_the_final_fit_loss(tmp_path, mb):
     assert other.ensemble.fit_info["loss"] == "squared"
     assert "final_fit_loss" not in _records(tmp_path / "budget")[-1]
 
+    # final_fit_steps alone also refits (the labels fit in one batch: an epoch is one Adam step)
+    longer = LearnerSettings.for_system(mb, first_epochs=5, epochs=3, max_iterations=3, n_workers=0, seed=1,
+                                        walker_steps=200, n_walkers=10, fit_steps=300, change_tolerance_kT=1e3,
+                                        change_patience=1, final_fit_steps=700)
+    third = PMFLearner(mb, tmp_path / "longer", longer, progress=False, plots=False)
+    third.run()
+    assert third.ensemble.fit_info["epochs"] == 700 and third.ensemble.fit_info["loss"] == "squared"
+    assert _records(tmp_path / "longer")[-1]["final_fit_loss"] == "squared"
+
 
 def _polish_run(path, mb, **polish):
     st = LearnerSettings.for_system(mb, first_epochs=5, epochs=3, max_iterations=3, n_workers=0, seed=1,
