@@ -8,11 +8,12 @@ The labels live in a plain dict of arrays (the checkpoint's format): ``A`` (kT),
   :data:`DEGRADED_ESS_RATIO` the flow got worse where it had already learned (the learner then trains the
   iteration again from the previous flow).
 * :func:`merge_labels`: the new points' labels are appended; a replayed point's new label replaces its
-  earlier one (the flow was just trained there; :func:`replace_labels`).
+  earlier one (the flow was just trained there; :func:`replace_labels`). Keeping whichever label has the
+  higher ESS, as before issue #13, selects the draws that missed the rare large importance weights and so
+  biases the kept labels upward (+0.13 to +0.29 kT at ESS/N 0.08-0.17 after four relabels:
+  ``benchmarks/relabel_bias.py``).
 * :func:`populated_labels`: the labelled points where the fitted PMF is within a window of its minimum (the
-  points a run's polish trains at and labels again). Keeping whichever label has the higher ESS, as before
-  issue #13, selects the draws that missed the rare large importance weights and so biases the kept labels
-  upward (+0.13 to +0.29 kT at ESS/N 0.08-0.17 after four relabels: ``benchmarks/relabel_bias.py``).
+  points a run's polish trains at and labels again).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import numpy as np
 
 from .free_energy import FreeEnergyLabels, free_energy
 
-__all__ = ["draw_labels", "relabel_ess_ratio", "merge_labels", "replace_labels", "populated_labels", "DEGRADED_ESS_RATIO", "MIN_REPLAYED_TO_JUDGE",
-           "LABEL_KEYS"]
+__all__ = ["draw_labels", "relabel_ess_ratio", "merge_labels", "replace_labels", "populated_labels",
+           "DEGRADED_ESS_RATIO", "MIN_REPLAYED_TO_JUDGE", "LABEL_KEYS"]
 
 #: Below this median ratio of new to earlier ESS at the replayed points, the flow got worse where it learned.
 DEGRADED_ESS_RATIO = 0.5

@@ -21,12 +21,12 @@ and is reported to the reporters (:mod:`openmm_cgflow.reporting`).
 
 The run stops by itself when the walkers find no point above the threshold within their CG-step budget, or
 when the PMF stopped changing (``change_tolerance_kT``; :mod:`openmm_cgflow.convergence`): no ground truth
-needed; or on the iteration / energy-evaluation budgets. A run that stops by itself may end with a polish (``polish_epochs``:
-the flow trained again where the PMF is populated, those labels drawn again with more samples) and a final fit
-(``final_fit_loss``), published as the last iteration's PMF. An iteration that made the flow worse where it had
-learned is trained again (:mod:`openmm_cgflow.labelling`). Running again with the same directory resumes
-after the last committed iteration (a crash inside one is repaired first), with the same numbers for the same
-seed and thread count. A learner holds the run directory's lock from its creation until
+needed; or on the iteration / energy-evaluation budgets. A run that stops by itself may end with a polish
+(``polish_epochs``: the flow trained again where the PMF is populated, those labels drawn again with more
+samples) and a final fit (``final_fit_loss``, ``final_fit_steps``), published as the last iteration's PMF. An
+iteration that made the flow worse where it had learned is trained again (:mod:`openmm_cgflow.labelling`).
+Running again with the same directory resumes after the last committed iteration (a crash inside one is
+repaired first), with the same numbers for the same seed and thread count. A learner holds the run directory's lock from its creation until
 :meth:`PMFLearner.close`; a second learner on a locked directory is refused. Torch's thread count is measured
 per phase (:mod:`openmm_cgflow.threads`) unless ``torch_threads`` or ``OMP_NUM_THREADS`` fixes it.
 
@@ -453,8 +453,8 @@ class PMFLearner:
     def _finish(self, k: int, rng: np.random.Generator, gen: torch.Generator, phase_s: dict) -> dict:
         """When the run has just stopped by itself: the polish (if ``polish_epochs``), then a final fit with
         ``final_fit_loss`` and ``final_fit_steps`` (else ``fit_loss`` and ``fit_steps``) when the labels were
-        polished or these differ from the loop's, exported as this iteration's snapshot. Returns the record's fields; adds the phases' seconds to
-        ``phase_s``."""
+        polished or these differ from the loop's, exported as this iteration's snapshot. Returns the record's
+        fields; adds the phases' seconds to ``phase_s``."""
         st = self.settings
         out = {}
         if st.polish_epochs:
@@ -484,8 +484,10 @@ class PMFLearner:
         before = self._flow_state()
         self._trainer().train_by_energy(points, st.polish_epochs, lr=st.polish_lr, lr_final=st.lr_final,
                                         generator=gen, energy=self.bridge, warmup_steps=POLISH_WARMUP_STEPS)
-        if not all(torch.isfinite(p).all() for p in self.flow.parameters()):
-            self.log("polish: the flow's parameters became non-finite; kept the earlier flow and labels")
+        try:
+            check_finite_parameters(self.flow)
+        except FloatingPointError as exc:
+            self.log(f"polish: {exc}; kept the earlier flow and labels")
             self._restore_flow_state(before)
             return {"polish_points": int(len(idx)), "polish_ess_ratio": 0.0, "polished_labels": 0}
         again = free_energy(self.flow, self.cgsystem, self.bridge, points, st.polish_samples, generator=gen,
