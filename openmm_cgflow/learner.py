@@ -26,8 +26,8 @@ needed; or on the iteration / energy-evaluation budgets. A run that stops by its
 samples) and a final fit (``final_fit_loss``, ``final_fit_steps``), published as the last iteration's PMF. An
 iteration that made the flow worse where it had learned is trained again (:mod:`openmm_cgflow.labelling`).
 Running again with the same directory resumes after the last committed iteration (a crash inside one is
-repaired first), with the same numbers for the same seed and thread count. A learner holds the run directory's lock from its creation until
-:meth:`PMFLearner.close`; a second learner on a locked directory is refused. Torch's thread count is measured
+repaired first), with the same numbers for the same seed and thread count. A learner holds the run directory's
+lock from its creation until :meth:`PMFLearner.close`; a second learner on a locked directory is refused. Torch's thread count is measured
 per phase (:mod:`openmm_cgflow.threads`) unless ``torch_threads`` or ``OMP_NUM_THREADS`` fixes it.
 
 Units: CG coordinates in radians (dihedrals) or nm (others), free energies and spreads in kT.
@@ -480,7 +480,8 @@ class PMFLearner:
         ESS is lower than the earlier ones' (median ratio < 1), the earlier flow and labels are kept."""
         st = self.settings
         idx = populated_labels(self.mean_and_spread(self.label_s)[0], st.polish_window_kT, st.polish_max_points)
-        points = self.label_s[idx]
+        points, old_ess = self.label_s[idx], self.labels["ess"][idx]
+        out = {"polish_points": int(len(idx))}
         before = self._flow_state()
         self._trainer().train_by_energy(points, st.polish_epochs, lr=st.polish_lr, lr_final=st.lr_final,
                                         generator=gen, energy=self.bridge, warmup_steps=POLISH_WARMUP_STEPS)
@@ -489,13 +490,12 @@ class PMFLearner:
         except FloatingPointError as exc:
             self.log(f"polish: {exc}; kept the earlier flow and labels")
             self._restore_flow_state(before)
-            return {"polish_points": int(len(idx)), "polish_ess_ratio": 0.0, "polished_labels": 0}
+            return dict(out, polish_ess_ratio=0.0, polished_labels=0)
         again = free_energy(self.flow, self.cgsystem, self.bridge, points, st.polish_samples, generator=gen,
                             threads=self._tuners["label"])
-        ratio = relabel_ess_ratio(self.labels["ess"][idx], again)
-        out = {"polish_points": int(len(idx)), "polish_ess_ratio": ratio,
-               "polish_ess_before": float(np.mean(self.labels["ess"][idx])),
-               "polish_ess_after": float(np.mean(np.nan_to_num(again.ess_fraction, nan=0.0)))}
+        ratio = relabel_ess_ratio(old_ess, again)
+        out.update(polish_ess_ratio=ratio, polish_ess_before=float(np.mean(old_ess)),
+                   polish_ess_after=float(np.mean(np.nan_to_num(again.ess_fraction, nan=0.0))))
         if ratio < 1.0:
             # The polish made the flow worse where it was meant to improve it: keep the earlier flow and labels.
             self.log(f"polish: the labels' ESS fell to {ratio:.2f} of the earlier ones' (median); kept the earlier "

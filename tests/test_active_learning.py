@@ -351,7 +351,10 @@ def test_a_run_that_stops_by_itself_is_polished_and_a_harmful_polish_is_undone(t
                 gen = torch.Generator().manual_seed(0)
                 with torch.no_grad():
                     for p in self.flow.parameters():
-                        p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype)) if harm == "noise" else p.fill_(np.nan)
+                        if harm == "noise":
+                            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+                        else:
+                            p.fill_(np.nan)
             return logs
 
         monkeypatch.setattr(Trainer, "train_by_energy", harmful)

@@ -13,7 +13,8 @@ def _labels(s, A, stderr, ess, n_samples=100):
     m = len(A)
     return FreeEnergyLabels(s=s, A=np.asarray(A, float), stderr=np.asarray(stderr, float),
                             ess=np.asarray(ess, float) * n_samples, n_samples=n_samples,
-                            n_wrong_chirality=np.zeros(m, int), n_nonfinite=np.zeros(m, int), n_evaluations=m * n_samples)
+                            n_wrong_chirality=np.zeros(m, int), n_nonfinite=np.zeros(m, int),
+                            n_evaluations=m * n_samples)
 
 
 def _store(A):
