@@ -230,7 +230,7 @@ class LearnerSettings:
     polish_epochs: int = 0
     polish_window_kT: float = 6.0
     polish_max_points: int = 400
-    polish_samples: int = 192
+    polish_samples: int = 384
     polish_lr: float = 3e-4
     max_iterations: int = 20
     max_evaluations: int | None = None
