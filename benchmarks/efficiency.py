@@ -587,7 +587,7 @@ def plot(curves, extrap, levels, png: str, title: str) -> None:
         ax.set_ylabel("forward KLD to reference (nats)")
         ax.grid(True, which="major", alpha=0.3)
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
-    axes[0].legend(fontsize=7, loc="lower left")
+    axes[0].legend(fontsize=7, loc="upper right", framealpha=0.9)  # our curves end low on the left
     axes[0].set_title("KLD vs energy evaluations (dashed: secondary estimator)", fontsize=10)
     axes[1].set_title("KLD vs wall time, 2 cores", fontsize=10)
     fig.suptitle(title, fontsize=9)
