@@ -93,9 +93,9 @@ def reference() -> dict:
 #: stops once the PMF changed by less than 0.1 kT (exp(-A)-weighted RMS) since the previous iteration. In the
 #: runs of issue #13 the change fell below 0.1 kT after 3-4 iterations while the walkers still found spreads
 #: above 0.2 kT at the high-free-energy frontier for 8 more, with the KLD flat or drifting (benchmarks/RESULTS.md).
-#: A second such iteration in a row (the earlier rule) cost 2.9e5 evaluations (5.7e5 with a
-#: retrain) and did not improve the loop's PMF (KLD 0.0148 -> 0.0193, 0.0109 -> 0.0094, 0.0117 -> 0.0124 in
-#: seeds 1-3): the polish below is what improves the PMF where it is populated.
+#: A second such iteration in a row (the earlier rule) cost 2.9e5 evaluations (5.7e5 with a retrain) and did
+#: not improve the loop's PMF (KLD 0.0148 -> 0.0193, 0.0109 -> 0.0094, 0.0117 -> 0.0124 in seeds 1-3): the
+#: polish below is what improves the PMF where it is populated.
 #: The run ends with a polish ("polish_epochs"): 25 more epochs of the flow at the labelled points within 6 kT of
 #: the PMF's minimum (at most 400), which are then labelled again with 384 samples, and a refit. The final flow's
 #: true ESS/N at the basins was only 0.002-0.04, and these labels, where the KLD weighs, were off by up to

@@ -27,8 +27,9 @@ samples) and a final fit (``final_fit_loss``, ``final_fit_steps``), published as
 iteration that made the flow worse where it had learned is trained again (:mod:`openmm_cgflow.labelling`).
 Running again with the same directory resumes after the last committed iteration (a crash inside one is
 repaired first), with the same numbers for the same seed and thread count. A learner holds the run directory's
-lock from its creation until :meth:`PMFLearner.close`; a second learner on a locked directory is refused. Torch's thread count is measured
-per phase (:mod:`openmm_cgflow.threads`) unless ``torch_threads`` or ``OMP_NUM_THREADS`` fixes it.
+lock from its creation until :meth:`PMFLearner.close`; a second learner on a locked directory is refused.
+Torch's thread count is measured per phase (:mod:`openmm_cgflow.threads`) unless ``torch_threads`` or
+``OMP_NUM_THREADS`` fixes it.
 
 Units: CG coordinates in radians (dihedrals) or nm (others), free energies and spreads in kT.
 """
