@@ -5,7 +5,8 @@ calls ``reporter.report(learner, record)`` on each of its reporters, in order; `
 called when the learner closes (a reporter must accept further reports after it, as the default ones
 do, since a learner can be used again). ``record`` is the iteration's dict (the line of
 ``iterations.jsonl``: iteration, energy_evaluations, cg_points, max_spread_kT, wall_s, kld when a
-reference is given, ...); ``learner.history`` holds all records so far.
+reference is given, ...); ``learner.history`` holds all records so far. ``wall_s`` (s) is the learner's own
+time: the reporters' time and the reference KLD are not counted in it.
 
 Default reporters: :class:`PlotReporter` (PNG plots) and :class:`ConsoleReporter` (one line per
 iteration); add your own with ``PMFLearner(..., reporters=[...])``. The run directory's own
@@ -22,6 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["Reporter", "ConsoleReporter", "JsonlReporter", "PlotReporter", "format_record"]
+
+#: Importance samples per plot of a PMF with d >= 4 CG coordinates (plus half as many uniform pilot points).
+IMPORTANCE_SAMPLES = 100_000
 
 
 class Reporter:
@@ -70,8 +74,9 @@ class JsonlReporter(Reporter):
 class PlotReporter(Reporter):
     """PNG plots under ``plots/``: the PMF mean and spread of every iteration with the new centres
     (``pmf_NNN.png``, :func:`openmm_cgflow_plugin.plot_pmf`; for more than two CG coordinates the 2-D
-    marginals of consecutive pairs, :func:`openmm_cgflow_plugin.plot_marginals`) and, when records carry a KLD, the KLD against
-    energy evaluations (``kld.png``). A failed plot prints a warning and never ends a run."""
+    marginals of consecutive pairs, :func:`openmm_cgflow_plugin.plot_marginals`, by quadrature for d = 3 and
+    from :data:`IMPORTANCE_SAMPLES` importance samples of exp(-A) for d >= 4) and, when records carry a KLD, the
+    KLD against energy evaluations (``kld.png``). A failed plot prints a warning and never ends a run."""
 
     def __init__(self, run_directory):
         self.run_directory = run_directory
@@ -88,7 +93,10 @@ class PlotReporter(Reporter):
                 plot_pmf(self.run_directory.pmf_path, path, points=None if centres is None else np.asarray(centres),
                          threshold=learner.settings.threshold_kT, title=title)
             else:  # one panel per (phi, psi)-like pair: 2-D marginals, coarse enough for every iteration
-                plot_marginals(self.run_directory.pmf_path, path, n_grid=40, n_quadrature=6, n_mc=400, title=title)
+                method = "importance" if learner.cgsystem.n_cg >= 4 else "auto"  # quadrature for d = 3
+                plot_marginals(self.run_directory.pmf_path, path, n_grid=40, method=method, n_quadrature=6,
+                               n_samples=IMPORTANCE_SAMPLES, points=None if centres is None else np.asarray(centres),
+                               title=title)
             if any(r.get("kld") is not None for r in learner.history):
                 self.plot_kld(learner.history)
         except Exception as exc:  # a plot must never end a run

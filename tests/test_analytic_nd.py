@@ -15,6 +15,7 @@ import torch
 from openmm_cgflow import analytic  # noqa: F401  (registers "analytic-4d")
 from openmm_cgflow.flow import flow_for
 from openmm_cgflow.learner import PMFLearner
+from openmm_cgflow.reporting import PlotReporter
 from openmm_cgflow.registry import builtin
 from openmm_cgflow.settings import LearnerSettings
 from openmm_cgflow_plugin import load_pmf
@@ -129,7 +130,11 @@ def test_learned_pmf_within_0p1_kT_of_the_exact_pmf(anl, tmp_path):
     learner = PMFLearner(anl, tmp_path / "run", settings, reference="analytic-4d", progress=False, plots=False)
     learner.pending = _boltzmann_draws(1600, seed=0, beta=0.5)
     record = learner.step(explore=False)
+    # The run's plot for d >= 4: per-pair marginals from importance samples of the exported PMF.
+    PlotReporter(learner.run_directory).report(learner, record)
     learner.close()
+    with open(learner.run_directory.plot_path("pmf_000.png"), "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     pmf = load_pmf(learner.pmf_path, expected_cg=["s1", "s2", "s3", "s4"], temperature=anl.temperature)
     held_out = _boltzmann_draws(400, seed=1)
     mean, spread = (np.asarray(v) for v in pmf.mean_and_spread(held_out))

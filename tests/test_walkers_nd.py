@@ -480,6 +480,10 @@ def test_residue_pairs_and_the_ramachandran_figure(pmf6, tmp_path):
     with open(png, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(png) > 20_000
+    png = plot_marginals(pmf6, tmp_path / "figs" / "rama_importance.png", n_grid=20, method="importance",
+                         n_samples=20_000, title="6-D analytic PMF, importance samples")
+    with open(png, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_two_dimensional_only_features_refuse_other_d(pmf6, chains):

@@ -137,8 +137,9 @@ def plot_pmf(pmf_path_or_model, png_path, points=None, threshold: Optional[float
 
 
 def plot_marginals(pmf_path_or_model, png_path, pairs: Optional[Sequence[Sequence[int]]] = None, n_grid: int = 60,
-                   method: str = "auto", n_quadrature: int = 8, n_mc: int = 2000, seed: int = 0,
-                   points=None, vmax: Optional[float] = None, title: Optional[str] = None, dpi: int = 110) -> str:
+                   method: str = "auto", n_quadrature: int = 8, n_mc: int = 2000, n_samples: int = 400_000,
+                   seed: int = 0, points=None, vmax: Optional[float] = None, title: Optional[str] = None,
+                   dpi: int = 110) -> str:
     """Write a per-residue Ramachandran PNG of a d-dimensional PMF: one column per pair (phi_i, psi_i), the
     2-D marginal mean free energy on top (kT, minimum 0) and the marginal spread below (kT, the exp(-A)-weighted
     mean ensemble spread over the other coordinates).
@@ -149,7 +150,8 @@ def plot_marginals(pmf_path_or_model, png_path, pairs: Optional[Sequence[Sequenc
             (0, 1), (2, 3), ...).
         n_grid: bins per axis of each marginal; method, n_quadrature, n_mc, seed: how the other coordinates
             are integrated out (:func:`~openmm_cgflow_plugin.marginals.marginal_free_energy`; "importance",
-            the choice for d >= 4, draws one set of importance samples for all panels).
+            the choice for d >= 4, draws one set of ``n_samples`` importance samples, after ``n_samples // 2``
+            uniform pilot points, for all panels).
         points: optional CG points [M, d] overlaid on every panel (projected on the pair).
         vmax: upper limit (kT) of the free-energy colour scale (default: min(max, 99th percentile + 2)).
     Returns ``png_path``.
@@ -170,7 +172,10 @@ def plot_marginals(pmf_path_or_model, png_path, pairs: Optional[Sequence[Sequenc
     fig = Figure(figsize=(4.2 * len(pairs) + 0.8, 7.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = np.asarray(fig.subplots(2, len(pairs), squeeze=False))
-    samples = importance_samples(pmf, ranges=rng, seed=seed) if method == "importance" else None  # one set for all
+    samples = None
+    if method == "importance":  # one set for all panels
+        samples = importance_samples(pmf, n_samples=int(n_samples), n_pilot=max(1, int(n_samples) // 2), ranges=rng,
+                                     seed=seed)
     for col, (i, j) in enumerate(pairs):
         m = marginal_free_energy(pmf, (i, j), n_grid, rng, method=method, n_quadrature=n_quadrature, n_mc=n_mc,
                                  seed=seed, samples=samples)
