@@ -103,13 +103,8 @@ def reference() -> dict:
 #: evaluations. Stopping one iteration sooner leaves the flow less trained at the basins: seed 2 then reached
 #: ESS/N 0.11 and KLD 0.0050 with 15 epochs; 10 epochs more gave 0.0031-0.0033 (benchmarks/RESULTS.md). The
 #: squared loss then fits better than the exp-linear one, and twice the loop's fit steps lower the final fit's
-#: KLD by ~15 % (fits of one label set: 0.0035-0.0047 against 0.0041-0.0055). A quarter of the 400 polish points
-#: ("polish_spread_fraction") are spread by farthest-point sampling over the labels within 8 kT: the lowest 400
-#: held 0-6 points at phi > 0 (alpha_L, ~5.5 kT up), whose free energy came out 0.55-0.92 kT too high in every
-#: run; offline on four unpolished final states the spread polish left it +0.27 to +0.67 kT off, with KLD
-#: 0.0031-0.0049 against 0.0028-0.0091 (benchmarks/RESULTS.md).
-SETTINGS = dict(change_tolerance_kT=0.1, change_patience=1, polish_epochs=25, polish_spread_fraction=0.25,
-                final_fit_steps=6000)
+#: KLD by ~15 % (fits of one label set: 0.0035-0.0047 against 0.0041-0.0055).
+SETTINGS = dict(change_tolerance_kT=0.1, change_patience=1, polish_epochs=25, final_fit_steps=6000)
 
 register_system("alanine-dipeptide", alanine_dipeptide, settings=SETTINGS, reference=reference)
 #: The costlier variant's energies run on OpenMM's CPU platform (one thread per worker), ~6x faster than

@@ -12,21 +12,17 @@ The labels live in a plain dict of arrays (the checkpoint's format): ``A`` (kT),
   higher ESS, as before issue #13, selects the draws that missed the rare large importance weights and so
   biases the kept labels upward (+0.13 to +0.29 kT at ESS/N 0.08-0.17 after four relabels:
   ``benchmarks/relabel_bias.py``).
-* :func:`populated_labels`: the labelled points where the fitted PMF is within a window of its minimum.
-* :func:`polish_points`: the points a run's polish trains at and labels again: the lowest populated ones, plus
-  a share spread by farthest-point sampling over a wider window, so that a shallow basin a few kT above the
-  minimum is polished too (alanine dipeptide's alpha_L, ~5.5 kT up, got 0-6 of 400 points from the lowest
-  alone and its free energy came out 0.55-0.92 kT too high in every run: benchmarks/RESULTS.md).
+* :func:`populated_labels`: the labelled points where the fitted PMF is within a window of its minimum (the
+  points a run's polish trains at and labels again).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .exploration import farthest_points
 from .free_energy import FreeEnergyLabels, free_energy
 
-__all__ = ["draw_labels", "relabel_ess_ratio", "merge_labels", "replace_labels", "populated_labels", "polish_points",
+__all__ = ["draw_labels", "relabel_ess_ratio", "merge_labels", "replace_labels", "populated_labels",
            "DEGRADED_ESS_RATIO", "MIN_REPLAYED_TO_JUDGE", "LABEL_KEYS"]
 
 #: Below this median ratio of new to earlier ESS at the replayed points, the flow got worse where it learned.
@@ -96,24 +92,3 @@ def populated_labels(A_fit: np.ndarray, window_kT: float, max_points: int) -> np
     finite = A_fit[order]
     keep = np.isfinite(finite) & (finite - finite[0] <= window_kT) if len(finite) else np.zeros(0, bool)
     return order[keep][:max_points]
-
-
-def polish_points(A_fit: np.ndarray, s: np.ndarray, periodic, window_kT: float, max_points: int,
-                  spread_fraction: float = 0.0, spread_window_kT: float = 8.0,
-                  rng: np.random.Generator | None = None) -> np.ndarray:
-    """Indices of at most ``max_points`` labelled points [M, d] ``s`` for a polish, from their fitted PMF
-    ``A_fit`` [M] (kT): the lowest ``(1 - spread_fraction) * max_points`` within ``window_kT`` of the minimum
-    (:func:`populated_labels`), then the rest by farthest-point sampling (away from those already chosen, on the
-    torus for periodic coordinates) among the others within ``spread_window_kT``. Lowest first, then the spread
-    ones in the order picked."""
-    if not 0.0 <= spread_fraction <= 1.0:
-        raise ValueError(f"spread_fraction must be in [0, 1], got {spread_fraction!r}")
-    low = populated_labels(A_fit, window_kT, int(round((1.0 - spread_fraction) * max_points)))
-    rest = np.setdiff1d(populated_labels(A_fit, spread_window_kT, len(A_fit)), low)
-    n = min(int(max_points) - len(low), len(rest))
-    if n <= 0:
-        return low
-    s = np.asarray(s, dtype=np.float64)
-    rng = rng if rng is not None else np.random.default_rng(0)
-    picked = rest[farthest_points(s[rest], n, periodic, rng, existing=s[low] if len(low) else None)]
-    return np.concatenate([low, picked])

@@ -58,7 +58,7 @@ from .exploration import clip_to_domain, farthest_points, find_uncertain, neighb
 from .finite_checks import LABEL_LIMIT_KT, check_ensemble, check_finite_parameters, check_labels, probe_grid
 from .flow import flow_for, resolve_device
 from .free_energy import free_energy
-from .labelling import (DEGRADED_ESS_RATIO, draw_labels, merge_labels, polish_points, relabel_ess_ratio,
+from .labelling import (DEGRADED_ESS_RATIO, draw_labels, merge_labels, populated_labels, relabel_ess_ratio,
                         replace_labels)
 from .model_io import model_bytes, system_from_dict, system_to_dict
 from .reporting import ConsoleReporter, PlotReporter
@@ -476,13 +476,11 @@ class PMFLearner:
         return out
 
     def _polish(self, k: int, gen: torch.Generator) -> dict:
-        """Train the flow at the populated labelled points (:func:`~openmm_cgflow.labelling.polish_points`)
+        """Train the flow at the populated labelled points (:func:`~openmm_cgflow.labelling.populated_labels`)
         and label them again with ``polish_samples`` samples; returns the record's fields. When the new labels'
         ESS is lower than the earlier ones' (median ratio < 1), the earlier flow and labels are kept."""
         st = self.settings
-        idx = polish_points(self.mean_and_spread(self.label_s)[0], self.label_s, self.periodic, st.polish_window_kT,
-                            st.polish_max_points, st.polish_spread_fraction, st.polish_spread_window_kT,
-                            np.random.default_rng([st.seed, k, 4]))
+        idx = populated_labels(self.mean_and_spread(self.label_s)[0], st.polish_window_kT, st.polish_max_points)
         points, old_ess = self.label_s[idx], self.labels["ess"][idx]
         out = {"polish_points": int(len(idx))}
         before = self._flow_state()

@@ -63,8 +63,7 @@ _FIELD_RULES = (
     ("chunk_timeout", "pos?", None), ("worker_wait", "pos", None), ("seed", "int", 0),
     ("torch_threads", "int?", 1), ("change_tolerance_kT", "pos?", None), ("change_patience", "int", 1),
     ("polish_epochs", "int", 0), ("polish_window_kT", "pos", None), ("polish_max_points", "int", 1),
-    ("polish_samples", "int", 1), ("polish_lr", "pos", None), ("polish_spread_fraction", "nonneg", None),
-    ("polish_spread_window_kT", "pos", None), ("final_fit_steps", "int?", 1),
+    ("polish_samples", "int", 1), ("polish_lr", "pos", None), ("final_fit_steps", "int?", 1),
 )
 
 
@@ -170,9 +169,7 @@ class LearnerSettings:
     refit. ``final_fit_steps``: the Adam steps of that final fit (None: ``fit_steps``).
     Polish: when a run stops by itself and ``polish_epochs`` > 0, the flow is trained ``polish_epochs`` more
     epochs (peak learning rate ``polish_lr``, decaying to ``lr_final``) at the labelled points where the fitted
-    PMF lies within ``polish_window_kT`` of its minimum (at most ``polish_max_points``: the lowest, except a
-    ``polish_spread_fraction`` of them spread by farthest-point sampling over the points within
-    ``polish_spread_window_kT``, :func:`~openmm_cgflow.labelling.polish_points`), those
+    PMF lies within ``polish_window_kT`` of its minimum (at most ``polish_max_points``, the lowest), those
     points are labelled again with ``polish_samples`` samples each (the new label replaces the old), and the
     ensemble is refitted. The populated region is where the PMF's errors weigh most and where the labels' ESS
     is lowest (the flow's ESS falls where the molecule's fine coordinates are most varied); cost
@@ -235,8 +232,6 @@ class LearnerSettings:
     polish_max_points: int = 400
     polish_samples: int = 384
     polish_lr: float = 3e-4
-    polish_spread_fraction: float = 0.0
-    polish_spread_window_kT: float = 8.0
     max_iterations: int = 20
     max_evaluations: int | None = None
     n_workers: int | None = None
@@ -289,8 +284,6 @@ class LearnerSettings:
             n_atoms = int(system_or_n_cg.n_atoms) if n_atoms is None else n_atoms
         for name, kind, low in _FIELD_RULES:
             _check_field(name, getattr(self, name), kind, low)
-        if not 0.0 <= self.polish_spread_fraction <= 1.0:
-            raise SettingsError(f"setting polish_spread_fraction must be in [0, 1], got {self.polish_spread_fraction!r}")
         if not 0.0 <= self.replay_fraction <= 1.0:
             raise SettingsError(f"setting replay_fraction must be in [0, 1], got {self.replay_fraction!r}")
         if self.device is not None:

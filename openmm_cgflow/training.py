@@ -177,9 +177,8 @@ class Trainer:
         self.points_per_batch = int(points_per_batch)
         self.path_gradient = bool(path_gradient)
         self.progress = progress
-        # fused: one kernel per step for all parameter tensors (PyTorch's fused Adam; rounding differs from the
-        # per-tensor loop in the last bits). The step's Python overhead dominates for small flows.
-        self.optimizer = torch.optim.Adam(flow.parameters(), lr=self.lr, weight_decay=weight_decay, fused=True)
+        # foreach: one call per step for all parameter tensors, the same numbers as the per-tensor loop
+        self.optimizer = torch.optim.Adam(flow.parameters(), lr=self.lr, weight_decay=weight_decay, foreach=True)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.step_count = 0
         self._lr_now = self.lr

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from openmm_cgflow.free_energy import FreeEnergyLabels
-from openmm_cgflow.labelling import merge_labels, polish_points, populated_labels, relabel_ess_ratio, replace_labels
+from openmm_cgflow.labelling import merge_labels, populated_labels, relabel_ess_ratio, replace_labels
 
 
 def _labels(s, A, stderr, ess, n_samples=100):
@@ -65,32 +65,6 @@ def test_populated_labels_window_cap_and_order():
     np.testing.assert_array_equal(populated_labels(A, 0.1, 100), [1])
     assert len(populated_labels(np.array([np.nan, np.inf]), 6.0, 10)) == 0
     assert len(populated_labels(np.zeros(0), 6.0, 10)) == 0
-
-
-def test_polish_points_reach_a_shallow_basin():
-    """A deep basin of many points near s = 0 and a shallow one (5-7 kT up) near s = pi on a circle: the lowest
-    points all lie in the deep basin; a spread share reaches the shallow one, within the wider window only."""
-    rng = np.random.default_rng(0)
-    deep = rng.normal(0.0, 0.3, 300)
-    shallow = np.pi - 0.2 + 0.4 * rng.random(30)
-    far = np.full(5, -1.6)  # 9 kT up: outside both windows
-    s = np.concatenate([deep, shallow, far])[:, None]
-    A = np.concatenate([deep ** 2, 5.0 + 2.0 * rng.random(30), np.full(5, 9.0)])
-    lowest = polish_points(A, s, [True], 6.0, 100)
-    np.testing.assert_array_equal(lowest, populated_labels(A, 6.0, 100))
-    assert np.all(lowest < 300)
-    idx = polish_points(A, s, [True], 6.0, 100, spread_fraction=0.25, spread_window_kT=8.0,
-                        rng=np.random.default_rng(1))
-    assert len(idx) == 100 and len(np.unique(idx)) == 100
-    np.testing.assert_array_equal(idx[:75], populated_labels(A, 6.0, 75))
-    assert np.sum((idx >= 300) & (idx < 330)) >= 3  # the shallow basin is polished (the lowest alone: none)
-    assert not np.any(idx >= 330)  # nothing beyond the wider window
-    assert np.all(A[idx] - A.min() <= 8.0)
-    # fewer candidates than the spread share: all of them, nothing invented
-    few = polish_points(A[:310], s[:310], [True], 6.0, 400, spread_fraction=0.5)
-    assert sorted(few) == list(range(310))
-    with pytest.raises(ValueError, match="spread_fraction"):
-        polish_points(A, s, [True], 6.0, 100, spread_fraction=1.5)
 
 
 def test_relabel_ess_ratio_is_the_median_ratio():
