@@ -15,8 +15,8 @@ import torch
 from openmm_cgflow import analytic  # noqa: F401  (registers "analytic-4d")
 from openmm_cgflow.flow import flow_for
 from openmm_cgflow.learner import PMFLearner
-from openmm_cgflow.reporting import PlotReporter
 from openmm_cgflow.registry import builtin
+from openmm_cgflow.reporting import PlotReporter
 from openmm_cgflow.settings import LearnerSettings
 from openmm_cgflow_plugin import load_pmf
 from openmm_cgflow_plugin.cgspace import kT_kJmol
