@@ -374,7 +374,7 @@ class PMFLearner:
         record["torch_threads"] = {phase: (dict(sorted(tuner.choices.items())) if tuner is not None else None)
                                    for phase, tuner in self._tuners.items()}
         self._check_change(record)
-        if self.converged:
+        if self.converged or (st.polish_at_budget and self._exhausts_budget(k, evals0)):
             record.update(self._finish(k, rng, gen, record["phase_s"]))
         self.evaluations += self.bridge.n_evaluations - evals0
         self.wall_s += time.perf_counter() - t0
@@ -451,8 +451,16 @@ class PMFLearner:
                             hidden=tuple(self.settings.ensemble_hidden), loss=loss or self.settings.fit_loss,
                             seed=int(rng.integers(2**31)))
 
+    def _exhausts_budget(self, k: int, evals0: int) -> bool:
+        """Whether iteration ``k`` (its evaluations counted from ``evals0`` on the bridge) reaches the iteration
+        or energy-evaluation budget, so that the run will stop after it."""
+        st = self.settings
+        spent = self.evaluations + self.bridge.n_evaluations - evals0
+        return k + 1 >= st.max_iterations or (st.max_evaluations is not None and spent >= st.max_evaluations)
+
     def _finish(self, k: int, rng: np.random.Generator, gen: torch.Generator, phase_s: dict) -> dict:
-        """When the run has just stopped by itself: the polish (if ``polish_epochs``), then a final fit with
+        """When the run has just stopped by itself (or, with ``polish_at_budget``, reaches a budget): the polish
+        (if ``polish_epochs``), then a final fit with
         ``final_fit_loss`` and ``final_fit_steps`` (else ``fit_loss`` and ``fit_steps``) when the labels were
         polished or these differ from the loop's, exported as this iteration's snapshot. Returns the record's
         fields; adds the phases' seconds to ``phase_s``."""

@@ -174,7 +174,10 @@ class LearnerSettings:
     ensemble is refitted. The populated region is where the PMF's errors weigh most and where the labels' ESS
     is lowest (the flow's ESS falls where the molecule's fine coordinates are most varied); cost
     ``n x (polish_epochs x samples_per_point + polish_samples)`` evaluations for n points. 0 (default): no
-    polish; alanine dipeptide's registry turns it on (benchmarks/RESULTS.md).
+    polish; alanine dipeptide's registry turns it on (benchmarks/RESULTS.md). ``polish_at_budget``: polish (and
+    final fit) also in the iteration that exhausts ``max_iterations`` or ``max_evaluations``, for systems whose
+    runs end at a budget (the tetrapeptide's registry); False (default) leaves such a run as it is, so that
+    resuming it with a larger budget continues exactly where an uninterrupted run would be.
     Budgets: ``max_iterations``, ``max_evaluations`` (energy evaluations sent to OpenMM; None: no limit).
     Energies: ``n_workers`` local OpenMM worker processes (default one per core), or ``scheduler``, the
     address of a Dask scheduler (e.g. ``"tcp://host:8786"``) whose workers evaluate the energies, with
@@ -232,6 +235,7 @@ class LearnerSettings:
     polish_max_points: int = 400
     polish_samples: int = 384
     polish_lr: float = 3e-4
+    polish_at_budget: bool = False
     max_iterations: int = 20
     max_evaluations: int | None = None
     n_workers: int | None = None
@@ -284,6 +288,9 @@ class LearnerSettings:
             n_atoms = int(system_or_n_cg.n_atoms) if n_atoms is None else n_atoms
         for name, kind, low in _FIELD_RULES:
             _check_field(name, getattr(self, name), kind, low)
+        if not isinstance(self.polish_at_budget, (bool, np.bool_)):
+            raise SettingsError(f"setting polish_at_budget must be true or false, got {self.polish_at_budget!r} "
+                                f"({type(self.polish_at_budget).__name__})")
         if not 0.0 <= self.replay_fraction <= 1.0:
             raise SettingsError(f"setting replay_fraction must be in [0, 1], got {self.replay_fraction!r}")
         if self.device is not None:

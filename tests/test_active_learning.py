@@ -16,6 +16,7 @@ from openmm_cgflow import LearnerSettings, PMFLearner
 from openmm_cgflow.exploration import farthest_points, neighbourhood, periodic_distance
 from openmm_cgflow.mueller_brown import bin_centres as mb_bin_centres
 from openmm_cgflow.run_directory import RunDirectory
+from openmm_cgflow.settings import SettingsError
 
 SEED = 3
 CLI = [sys.executable, "-m", "openmm_cgflow.cli"]
@@ -308,6 +309,32 @@ def _polish_run(path, mb, **polish):
     learner = PMFLearner(mb, path, st, progress=False, plots=False)
     learner.run()
     return learner, _records(path), RunDirectory(path).load_checkpoint()
+
+
+def test_a_run_that_ends_at_its_budget_is_polished_only_with_polish_at_budget(tmp_path, mb):
+    """With ``polish_at_budget`` the iteration that exhausts the iteration budget polishes and refits (the same
+    record fields and evaluation count as a polish at a stop by itself); without it, that run ends unpolished
+    and its loop is the same as the polished one's up to the polish."""
+    common = dict(first_epochs=5, epochs=3, max_iterations=2, n_workers=0, seed=1, walker_steps=200, n_walkers=10,
+                  fit_steps=300, polish_epochs=20, polish_window_kT=3.0, polish_max_points=12, polish_samples=300,
+                  polish_lr=3e-3)
+    runs = {}
+    for name, at_budget in (("kept", False), ("polished", True)):
+        st = LearnerSettings.for_system(mb, polish_at_budget=at_budget, **common)
+        PMFLearner(mb, tmp_path / name, st, progress=False, plots=False).run()
+        runs[name] = _records(tmp_path / name)
+    kept, polished = runs["kept"][-1], runs["polished"][-1]
+    assert len(runs["kept"]) == len(runs["polished"]) == 2 and not polished["converged"]
+    assert "polish_points" not in kept and "polish" not in kept["phase_s"]
+    n = polished["polish_points"]
+    assert 0 < n <= 12 and "polish" in polished["phase_s"] and polished["final_fit_loss"] == "squared"
+    per_point = 20 * LearnerSettings.for_system(mb, **common).samples_per_point + 300
+    assert polished["energy_evaluations"] - kept["energy_evaluations"] == n * per_point
+    for key in ("energy_evaluations", "mean_ess", "max_spread_kT"):  # the same loop up to the polish
+        assert runs["kept"][0][key] == runs["polished"][0][key]
+    assert kept["cg_points"] == polished["cg_points"] and kept["mean_ess"] == polished["mean_ess"]
+    with pytest.raises(SettingsError, match="polish_at_budget must be true or false"):
+        LearnerSettings.for_system(mb, polish_at_budget="yes").validate(mb)
 
 
 def test_a_run_that_stops_by_itself_is_polished_and_a_harmful_polish_is_undone(tmp_path, mb, monkeypatch):
