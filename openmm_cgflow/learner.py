@@ -264,11 +264,9 @@ class PMFLearner:
                    unit="iteration", disable=not self.progress)
         try:
             while not self.converged:
-                if self.iteration >= st.max_iterations:
-                    self.stop_reason = f"iteration budget ({st.max_iterations}) reached"
-                    break
-                if st.max_evaluations is not None and self.evaluations >= st.max_evaluations:
-                    self.stop_reason = f"energy-evaluation budget ({st.max_evaluations}) reached"
+                reason = self._budget_reached(self.iteration, self.evaluations)
+                if reason:
+                    self.stop_reason = reason
                     break
                 try:
                     with self._threads():
@@ -374,7 +372,8 @@ class PMFLearner:
         record["torch_threads"] = {phase: (dict(sorted(tuner.choices.items())) if tuner is not None else None)
                                    for phase, tuner in self._tuners.items()}
         self._check_change(record)
-        if self.converged or (st.polish_at_budget and self._exhausts_budget(k, evals0)):
+        at_budget = self._budget_reached(k + 1, self.evaluations + self.bridge.n_evaluations - evals0)
+        if self.converged or (st.polish_at_budget and at_budget):
             record.update(self._finish(k, rng, gen, record["phase_s"]))
         self.evaluations += self.bridge.n_evaluations - evals0
         self.wall_s += time.perf_counter() - t0
@@ -451,12 +450,15 @@ class PMFLearner:
                             hidden=tuple(self.settings.ensemble_hidden), loss=loss or self.settings.fit_loss,
                             seed=int(rng.integers(2**31)))
 
-    def _exhausts_budget(self, k: int, evals0: int) -> bool:
-        """Whether iteration ``k`` (its evaluations counted from ``evals0`` on the bridge) reaches the iteration
-        or energy-evaluation budget, so that the run will stop after it."""
+    def _budget_reached(self, iterations: int, evaluations: int) -> str | None:
+        """Why a run with ``iterations`` finished iterations and ``evaluations`` energy evaluations must stop
+        (its iteration or energy-evaluation budget), or None."""
         st = self.settings
-        spent = self.evaluations + self.bridge.n_evaluations - evals0
-        return k + 1 >= st.max_iterations or (st.max_evaluations is not None and spent >= st.max_evaluations)
+        if iterations >= st.max_iterations:
+            return f"iteration budget ({st.max_iterations}) reached"
+        if st.max_evaluations is not None and evaluations >= st.max_evaluations:
+            return f"energy-evaluation budget ({st.max_evaluations}) reached"
+        return None
 
     def _finish(self, k: int, rng: np.random.Generator, gen: torch.Generator, phase_s: dict) -> dict:
         """When the run has just stopped by itself (or, with ``polish_at_budget``, reaches a budget): the polish

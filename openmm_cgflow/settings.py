@@ -49,8 +49,8 @@ def did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-# (field, kind, lower bound): kind "int" (an integer, >= low), "pos" (a finite number > 0), "nonneg" (finite >= 0);
-# a trailing "?" allows None.
+# (field, kind, lower bound): kind "int" (an integer, >= low), "pos" (a finite number > 0), "nonneg" (finite >= 0),
+# "bool" (true or false); a trailing "?" allows None.
 _FIELD_RULES = (
     ("threshold_kT", "pos", None), ("n_walkers", "int", 1), ("walker_steps", "int", 1),
     ("walker_timestep_ps", "pos?", None), ("walker_temperature_factor", "pos", None), ("report_interval", "int", 1),
@@ -63,7 +63,8 @@ _FIELD_RULES = (
     ("chunk_timeout", "pos?", None), ("worker_wait", "pos", None), ("seed", "int", 0),
     ("torch_threads", "int?", 1), ("change_tolerance_kT", "pos?", None), ("change_patience", "int", 1),
     ("polish_epochs", "int", 0), ("polish_window_kT", "pos", None), ("polish_max_points", "int", 1),
-    ("polish_samples", "int", 1), ("polish_lr", "pos", None), ("final_fit_steps", "int?", 1),
+    ("polish_samples", "int", 1), ("polish_lr", "pos", None), ("polish_at_budget", "bool", None),
+    ("final_fit_steps", "int?", 1),
 )
 
 
@@ -73,6 +74,10 @@ def _check_field(name: str, value, kind: str, low) -> None:
             return
         kind = kind[:-1]
     got = f"got {value!r} ({type(value).__name__})"
+    if kind == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            raise SettingsError(f"setting {name} must be true or false, {got}")
+        return
     if kind == "int":
         if not _is_int(value):
             raise SettingsError(f"setting {name} must be an integer (int) >= {low}, {got}")
@@ -288,9 +293,6 @@ class LearnerSettings:
             n_atoms = int(system_or_n_cg.n_atoms) if n_atoms is None else n_atoms
         for name, kind, low in _FIELD_RULES:
             _check_field(name, getattr(self, name), kind, low)
-        if not isinstance(self.polish_at_budget, (bool, np.bool_)):
-            raise SettingsError(f"setting polish_at_budget must be true or false, got {self.polish_at_budget!r} "
-                                f"({type(self.polish_at_budget).__name__})")
         if not 0.0 <= self.replay_fraction <= 1.0:
             raise SettingsError(f"setting replay_fraction must be in [0, 1], got {self.replay_fraction!r}")
         if self.device is not None:
