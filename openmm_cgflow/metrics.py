@@ -283,7 +283,8 @@ def kld_from_samples(samples: ArrayLike, reference, weights=None) -> float:
 
 
 def basin_populations(p: np.ndarray, n: int = TORUS_BINS) -> dict:
-    """Populations of the alanine-dipeptide basins from torus bin probabilities [n, n] (``[i_phi, j_psi]``).
+    """Populations of the backbone basins of one residue's (phi, psi) from torus bin probabilities [n, n]
+    (``[i_phi, j_psi]``), e.g. alanine dipeptide's or one residue of a peptide.
 
     Definitions (radians, by bin centre): ``phi_pos`` = phi > 0 (alpha_L, C7ax);
     ``alpha_R`` = phi < 0 and -2.0 < psi < 1.0; ``beta_C7eq`` = phi < 0 and (psi >= 1.0 or psi <= -2.0).

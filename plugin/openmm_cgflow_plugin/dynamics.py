@@ -28,13 +28,12 @@ import numpy as np
 import openmm
 import openmm.app as app
 import openmm.unit as unit
-import torch
 
 from .forces import cg_walker_system, walker_cg, walker_positions
 from .pmf import load_pmf
 from .swap import swap_pmf
 
-__all__ = ["CGDynamics", "DEFAULT_TIMESTEP_PS", "DEFAULT_FRICTION_PER_PS", "integrator_seed", "spread_at"]
+__all__ = ["CGDynamics", "DEFAULT_TIMESTEP_PS", "DEFAULT_FRICTION_PER_PS", "integrator_seed"]
 
 DEFAULT_TIMESTEP_PS = 0.02
 DEFAULT_FRICTION_PER_PS = 2.0
@@ -54,16 +53,6 @@ def _platform(platform, properties=None):
     if plat.getName() == "CPU" and "Threads" not in props and "OPENMM_CPU_THREADS" not in os.environ:
         props["Threads"] = os.environ.get("OMP_NUM_THREADS", "1")
     return plat, props
-
-
-def spread_at(pmf_module, s: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    """Ensemble spread [N] (kT, float64) of a pmf.pt module at CG coordinates ``s`` [N, d], in chunks."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(s), chunk):
-            _, sd = pmf_module.mean_and_spread(torch.as_tensor(s[i:i + chunk], dtype=torch.float64))
-            out.append(sd.double().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
 
 
 class CGDynamics:
@@ -178,7 +167,7 @@ class CGDynamics:
             pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
             s = walker_cg(pos, self.pmf.periodic)
             s_out[f] = s
-            spread_out[f] = spread_at(self.pmf.module, s)
+            spread_out[f] = self.pmf.mean_and_spread(s)[1]
             if any(self.pmf.periodic):
                 self.context.setPositions(self._positions(s, unused=pos))
         rest = n_steps - n_frames * report_interval

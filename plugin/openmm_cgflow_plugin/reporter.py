@@ -25,7 +25,6 @@ from typing import Dict
 import numpy as np
 import openmm.unit as unit
 
-from .dynamics import spread_at
 from .files import atomic_write
 from .forces import find_pmf_module, walker_cg
 from .pmf import PMF, load_pmf
@@ -106,7 +105,7 @@ class CGReporter:
         pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
         s = walker_cg(pos, self._pmf.periodic)  # [walkers, d] (ceil(d/3) particles per walker)
         self._pending["s"].append(s.astype(self.dtype))
-        self._pending["spread"].append(spread_at(self._module, s).astype(self.dtype))
+        self._pending["spread"].append(self._pmf.mean_and_spread(s)[1].astype(self.dtype))
         self._pending["time_ps"].append(state.getTime().value_in_unit(unit.picosecond))
         self._pending["step"].append(simulation.currentStep)
         if len(self._pending["step"]) >= self.flush_every:
