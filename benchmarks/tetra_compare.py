@@ -14,6 +14,10 @@ project's forward KLD D(p_ref || p) on 100 x 100 bins of [-pi, pi)^2 (smoothed h
   reference made of the *other* walkers only (held out: the estimate is never compared with itself). The
   learned PMF is scored against the same held-out references, so both columns share their reference noise.
 
+Beside the KLD it prints, per residue, the basin populations of both marginals (alpha_R, beta/PPII, phi > 0 as
+:func:`openmm_cgflow.metrics.basin_populations` defines them) and the free-energy differences between basins
+(kT), which say where a KLD comes from.
+
 Writes a JSON (``--json``) and a PNG (``--png``): per residue the reference's and the learned marginal free
 energies (kT) side by side. ``--all-iterations`` also scores every pmfs/pmf_NNN.pt of the run against the full
 reference (KLD against energy evaluations).
@@ -102,6 +106,21 @@ def plot(ref: list[np.ndarray], learned: list[np.ndarray], klds: list[float], pn
     fig.savefig(png, dpi=100)
 
 
+BASINS = ("alpha_R", "beta_C7eq", "phi_pos")
+
+
+def basin_rows(ref: list, learned: list) -> list[dict]:
+    """Per residue: the basins' populations (reference, learned) and the learned - reference free-energy
+    difference of beta/PPII and of phi > 0 against alpha_R (kT)."""
+    rows = []
+    for r in range(3):
+        pr, pl = metrics.basin_populations(ref[r]), metrics.basin_populations(learned[r])
+        dd = {b: float(-math.log(pl[b] / pl["alpha_R"]) + math.log(pr[b] / pr["alpha_R"])) if min(pl[b], pr[b]) > 0
+              else float("nan") for b in BASINS[1:]}
+        rows.append({"residue": RESIDUES[r], "reference": pr, "learned": pl, "dA_vs_alpha_R_error_kT": dd})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="run directory of cgflow run alanine-tetrapeptide")
@@ -152,6 +171,13 @@ def main() -> None:
         md_txt = f"{np.mean(md):.4f} ({min(md):.4f}-{max(md):.4f})" if md else "n/a"
         print(f"| {RESIDUES[r]} | {kld[r]:.4f} | {halves[r]:.4f} | {np.mean(ln) if ln else float('nan'):.4f} | "
               f"{md_txt} |")
+    basins = basin_rows(ref, learned)
+    print("\n| residue | alpha_R: learned / reference | beta/PPII | phi > 0 | error of A(beta) - A(alpha_R) (kT) | "
+          "error of A(phi > 0) - A(alpha_R) (kT) |\n|---|---|---|---|---|---|")
+    for row in basins:
+        pops = " | ".join(f"{row['learned'][b]:.3f} / {row['reference'][b]:.3f}" for b in BASINS)
+        err = row["dA_vs_alpha_R_error_kT"]
+        print(f"| {row['residue']} | {pops} | {err['beta_C7eq']:+.2f} | {err['phi_pos']:+.2f} |")
     if args.png:
         plot(ref, learned, kld, args.png, f"alanine tetrapeptide: {evals / 1e6:.1f}e6 energy evaluations, "
              f"reference {ns:.0f} ns plain MD")
@@ -162,7 +188,7 @@ def main() -> None:
                        "run_iterations": len(records), "run_energy_evaluations": evals,
                        "run_wall_s": records[-1]["wall_s"], "reference_ns": ns, "reference_walkers": len(walkers),
                        "reference_halves_kld": halves, "learned_kld": kld, "importance_ess": ess,
-                       "md_same_evaluations": md_rows, "curve": curve}, fh, indent=1)
+                       "md_same_evaluations": md_rows, "basins": basins, "curve": curve}, fh, indent=1)
 
 
 if __name__ == "__main__":
