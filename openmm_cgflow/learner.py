@@ -54,7 +54,7 @@ from .executors import BridgeError
 from .ensemble import PMFEnsemble, default_ranges, export_pmf
 from .ensemble_fit import fit_ensemble
 from .convergence import change_says_stop, pmf_change
-from .exploration import clip_to_domain, farthest_points, find_uncertain, neighbourhood
+from .exploration import clip_to_domain, farthest_points, find_uncertain, neighbourhood, populated_starts
 from .finite_checks import LABEL_LIMIT_KT, check_ensemble, check_finite_parameters, check_labels, probe_grid
 from .flow import flow_for, resolve_device
 from .free_energy import free_energy
@@ -551,11 +551,15 @@ class PMFLearner:
         return [(-np.pi, np.pi) if per else tuple(next(domain)) for per in self.periodic]
 
     def _explore(self, rng: np.random.Generator, pmf_path: str) -> dict:
-        """CG walkers on ``pmf_path`` (this iteration's ensemble) from the newest points; sets the next pending
-        points (or converged); returns the record's exploration fields."""
+        """CG walkers on ``pmf_path`` (this iteration's ensemble) from the newest points, or with ``walker_starts =
+        "populated"`` from labelled points drawn by exp(-A); sets the next pending points (or converged); returns
+        the record's exploration fields."""
         st = self.settings
-        newest = self.points[-len(self.pending):] if self.pending is not None else self.points
-        found, stats = find_uncertain(pmf_path, newest, st, self.cgsystem.temperature, self.periodic, rng)
+        if st.walker_starts == "populated":
+            starts = populated_starts(self.label_s, self.mean_and_spread(self.label_s)[0], st.n_walkers, rng)
+        else:
+            starts = self.points[-len(self.pending):] if self.pending is not None else self.points
+        found, stats = find_uncertain(pmf_path, starts, st, self.cgsystem.temperature, self.periodic, rng)
         if len(found) == 0:
             self.converged = True
             self.pending = None

@@ -18,6 +18,7 @@ import torch
 
 from . import registry
 from .ensemble_fit import LOSSES
+from .exploration import WALKER_STARTS
 
 __all__ = ["LearnerSettings", "DTYPES", "ENERGY_PLATFORMS", "SettingsError", "did_you_mean", "estimate_memory", "check_memory",
            "physical_memory_bytes"]
@@ -152,6 +153,10 @@ class LearnerSettings:
     iteration, each given at most ``walker_steps`` Langevin steps (timestep ``walker_timestep_ps``),
     checked every ``report_interval`` steps, at ``walker_temperature_factor`` times the system temperature
     (they sample exp(-A / factor): a flattened PMF, so they reach the uncertain frontier sooner);
+    ``walker_starts``: where the walkers start, "newest" (default: the points labelled last, so the search
+    moves on from the frontier it reached) or "populated" (labelled points drawn with probability
+    exp(-A) of the current PMF, so the search stays where the population is; see
+    :func:`~openmm_cgflow.exploration.populated_starts`);
     ``new_centres`` diverse uncertain points per iteration, each broadened to ``points_per_centre`` points
     uniform in a ball of ``radius``; ``domain`` (lo, hi) per non-periodic CG dim, outside of which nothing is
     explored.
@@ -208,6 +213,7 @@ class LearnerSettings:
     walker_steps: int = 20_000
     walker_timestep_ps: float | None = None
     walker_temperature_factor: float = 2.0
+    walker_starts: str = "newest"
     report_interval: int = 100
     new_centres: int = 15
     points_per_centre: int = 20
@@ -307,6 +313,9 @@ class LearnerSettings:
         if self.energy_platform not in ENERGY_PLATFORMS:
             raise SettingsError(f"setting energy_platform must be one of {list(ENERGY_PLATFORMS)}, got "
                                 f"{self.energy_platform!r}{did_you_mean(self.energy_platform, ENERGY_PLATFORMS)}")
+        if self.walker_starts not in WALKER_STARTS:
+            raise SettingsError(f"setting walker_starts must be one of {list(WALKER_STARTS)}, got "
+                                f"{self.walker_starts!r}{did_you_mean(self.walker_starts, WALKER_STARTS)}")
         if self.flow_dtype not in DTYPES:
             raise SettingsError(f"setting flow_dtype must be one of {sorted(DTYPES)}, got {self.flow_dtype!r}")
         for name in ("fit_loss", "final_fit_loss"):

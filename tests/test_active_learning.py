@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from openmm_cgflow import LearnerSettings, PMFLearner
-from openmm_cgflow.exploration import farthest_points, neighbourhood, periodic_distance
+import openmm_cgflow.learner as learner_module
+from openmm_cgflow.exploration import farthest_points, neighbourhood, periodic_distance, populated_starts
 from openmm_cgflow.mueller_brown import bin_centres as mb_bin_centres
 from openmm_cgflow.run_directory import RunDirectory
 from openmm_cgflow.settings import SettingsError
@@ -176,6 +177,60 @@ def test_point_selection_is_periodic():
     nb = neighbourhood(np.array([[3.0, -3.0]]), 500, 0.6, [True, True], rng)
     assert np.all(nb >= -np.pi) and np.all(nb < np.pi)
     assert np.all(periodic_distance(nb, np.array([3.0, -3.0]), [True, True]) <= 0.6 + 1e-12)
+
+
+def test_populated_starts_are_drawn_by_exp_minus_A():
+    pts = np.array([[0.0], [1.0], [2.0], [3.0]])
+    A = np.array([5.0, 6.0, 7.0, np.inf])  # kT; a point without a finite label is never a start
+    s = populated_starts(pts, A, 200_000, np.random.default_rng(0))
+    freq = np.bincount(s[:, 0].astype(int), minlength=4) / len(s)
+    expected = np.exp(-np.array([0.0, 1.0, 2.0]))
+    np.testing.assert_allclose(freq[:3], expected / expected.sum(), atol=0.005)
+    assert freq[3] == 0.0
+    with pytest.raises(ValueError, match="3 free energies"):
+        populated_starts(pts, A[:3], 5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="no point has a finite free energy"):
+        populated_starts(pts, np.full(4, np.nan), 5, np.random.default_rng(0))
+
+
+def test_walkers_start_from_the_newest_points_or_from_the_populated_labels(tmp_path, mb, monkeypatch):
+    """The learner hands the walkers the points labelled last ("newest") or labelled points drawn by exp(-A) of
+    the ensemble it has just fitted ("populated"); the real search runs either way."""
+    calls = []
+    real_explore, real_find = PMFLearner._explore, learner_module.find_uncertain
+
+    def explore(self, rng, pmf_path):
+        newest = self.points[-len(self.pending):] if self.pending is not None else self.points
+        calls.append({"labelled": self.label_s.copy(), "newest": newest.copy(), "learner": self})
+        return real_explore(self, rng, pmf_path)
+
+    def find(pmf_path, starts, settings, *args):
+        calls[-1]["starts"] = np.array(starts)
+        calls[-1]["A_labelled"] = calls[-1]["learner"].mean_and_spread(calls[-1]["labelled"])[0]
+        calls[-1]["A_starts"] = calls[-1]["learner"].mean_and_spread(calls[-1]["starts"])[0]
+        return real_find(pmf_path, starts, settings, *args)
+
+    monkeypatch.setattr(PMFLearner, "_explore", explore)
+    monkeypatch.setattr(learner_module, "find_uncertain", find)
+    for mode in ("newest", "populated"):
+        calls.clear()
+        st = LearnerSettings.for_system(mb, first_epochs=5, epochs=3, max_iterations=3, n_workers=0, seed=1,
+                                        walker_steps=200, n_walkers=40, fit_steps=300, walker_starts=mode,
+                                        threshold_kT=0.01)
+        PMFLearner(mb, tmp_path / mode, st, progress=False, plots=False).run()
+        assert len(calls) >= 2
+        for c in calls:
+            in_labels = [np.any(np.all(c["labelled"] == s, axis=1)) for s in c["starts"]]
+            assert all(in_labels)
+            if mode == "newest":
+                np.testing.assert_array_equal(c["starts"], c["newest"])
+            else:
+                assert len(c["starts"]) == st.n_walkers
+        if mode == "populated":  # drawn towards the low free energies of the labelled points
+            late = calls[-1]
+            assert np.mean(late["A_starts"]) < np.mean(late["A_labelled"]) - 0.5
+    with pytest.raises(SettingsError, match="walker_starts must be one of"):
+        LearnerSettings.for_system(mb, walker_starts="popular").validate(mb)
 
 
 class _Recorder:

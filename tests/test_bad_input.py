@@ -76,6 +76,7 @@ def _run_refused(capsys, tmp_path, *args):
     ("change_tolerance_kT = 0", ["change_tolerance_kT", "> 0"]),
     ('final_fit_loss = "expo"', ["final_fit_loss", "did you mean 'exp'"]),
     ('fit_loss = "square"', ["fit_loss", "did you mean 'squared'"]),
+    ('walker_starts = "popular"', ["walker_starts", "did you mean 'populated'"]),
     ("polish_epochs = -5", ["polish_epochs", ">= 0"]),
     ("polish_window_kT = 0.0", ["polish_window_kT", "> 0"]),
     ("polish_samples = 0", ["polish_samples", ">= 1"]),
