@@ -78,7 +78,6 @@ class CGReporter:
         self.flush_every = max(1, int(flush_every))
         self.dtype = dtype
         self._pmf = None if pmf is None else load_pmf(pmf)
-        self._module = None if self._pmf is None else self._pmf.module
         self._pending = {k: [] for k in FRAME_KEYS}
         self._n_chunks = 0
         self._n_flushed = 0
@@ -90,12 +89,11 @@ class CGReporter:
         return {"steps": steps, "periodic": None, "include": ["positions"]}
 
     def _resolve(self, simulation):
-        if self._module is not None:
+        if self._pmf is not None:
             return
         module = find_pmf_module(simulation.system)
         if module is None:
             raise ValueError("CGReporter: the Simulation has no CG-walker force of openmm_cgflow_plugin; pass pmf=")
-        self._module = module
         self._pmf = PMF(module)
 
     def report(self, simulation, state) -> None:
