@@ -258,3 +258,55 @@ def test_fit_refuses_an_unknown_loss():
     s = np.zeros((4, 1))
     with pytest.raises(ValueError, match="loss must be one of"):
         fit_ensemble(s, np.zeros(4), None, [True], steps=2, loss="absolute")
+
+
+def test_written_out_squared_loss_gradient_equals_autograd_bit_for_bit():
+    """The squared loss's gradient written out in ensemble_fit equals autograd's for the same expression, bit for
+    bit, in float32 and float64 and for any batch size (so the fit's numbers do not depend on how it is computed)."""
+    from openmm_cgflow.ensemble_fit import _squared_loss_and_grad
+
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float64):
+        for n_models, batch in ((1, 1), (10, 150), (7, 513)):
+            pred = torch.randn(n_models, batch, generator=gen, dtype=dtype).requires_grad_()
+            y = torch.randn(batch, generator=gen, dtype=dtype)
+            w = torch.rand(n_models, batch, generator=gen, dtype=dtype) * 3
+            loss = (w * (pred - y) ** 2).mean(dim=1).sum()
+            (expected,) = torch.autograd.grad(loss, pred)
+            written_loss, written = _squared_loss_and_grad(pred.detach(), y, w)
+            assert torch.equal(written, expected), (dtype, n_models, batch)
+            assert torch.equal(written_loss, loss.detach())
+
+
+@pytest.mark.parametrize("case", ["1-d", "torus-minibatches", "exp-loss", "float64-decay-classic"])
+def test_fit_equals_the_same_fit_through_autograd(case, monkeypatch):
+    """fit_ensemble's written-out backward pass through the stacked layers gives the same ensemble, bit for bit, as
+    the same fit with autograd differentiating ``PMFEnsemble.networks`` (benchmarks/fit_speed.py's
+    AutogradTraining): one-dimensional and periodic inputs, mini-batches, the exp-linear loss, float64 with weight
+    decay."""
+    import os
+    import sys
+
+    from openmm_cgflow import ensemble_fit
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from fit_speed import AutogradTraining  # noqa: E402
+
+    rng = np.random.default_rng(17)
+    kw = {"1-d": dict(periodic=[False], m=120, n_models=10, hidden=(32, 32), steps=300),
+          "torus-minibatches": dict(periodic=[True, True], m=300, n_models=4, hidden=(16, 16), steps=60,
+                                    batch_size=128),
+          "exp-loss": dict(periodic=[True], m=200, n_models=5, hidden=(16, 16, 8), steps=200, loss="exp"),
+          "float64-decay-classic": dict(periodic=[True, False], m=90, n_models=3, hidden=(8,), steps=150,
+                                        dtype=torch.float64, weight_decay=1e-3, bootstrap="classic")}[case]
+    periodic, m = kw.pop("periodic"), kw.pop("m")
+    s = rng.uniform(-3.0, 3.0, (m, len(periodic)))
+    A = 2.0 * np.sin(s).sum(axis=1) + 0.3 * rng.standard_normal(m)
+    se = rng.uniform(0.02, 0.3, m)
+    written = fit_ensemble(s, A, se, periodic, seed=2, **kw)
+    monkeypatch.setattr(ensemble_fit, "_FlatStackedTraining", AutogradTraining)
+    autograd = fit_ensemble(s, A, se, periodic, seed=2, **kw)
+    x = torch.as_tensor(s)
+    with torch.no_grad():
+        assert torch.equal(written.predict_all(x), autograd.predict_all(x))
+        assert float(written.predict_all(x).std(dim=0).mean()) > 0   # a real, diverse fit
