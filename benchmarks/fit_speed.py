@@ -39,7 +39,7 @@ class AutogradTraining(ensemble_fit._FlatStackedTraining):
         super().__init__(ens)
         self.ens = ens
 
-    def backward(self, x, loss_and_grad):
+    def backward(self, x, loss_grad):
         values = [t for pair in zip(self.weights, self.biases) for t in pair]
         grads = [t for pair in zip(self.weight_grads, self.bias_grads) for t in pair]
         params = [t for layer in self.ens.layers for t in (layer.weight, layer.bias)]
@@ -48,12 +48,10 @@ class AutogradTraining(ensemble_fit._FlatStackedTraining):
                 param.copy_(value)
                 param.grad = None
         pred = self.ens.networks(x)
-        loss, grad = loss_and_grad(pred.detach())
-        pred.backward(grad)
+        pred.backward(loss_grad(pred.detach()))
         with torch.no_grad():
             for param, g in zip(params, grads):
                 g.copy_(param.grad)
-        return loss
 
 
 def fit_through(path: str, s, A, se, periodic, kw):

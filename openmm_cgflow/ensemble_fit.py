@@ -23,8 +23,8 @@
   are the same), and the backward pass through the stacked layers is written out with the kernels autograd
   itself runs for them (``bmm``, ``sum``, ``silu_backward``); autograd still differentiates the loss. The
   gradients equal autograd's bit for bit (tests/test_ensemble.py), so a fit gives the same ensemble as through
-  autograd, in ~20 % less time (2,500 steps on 150 labels: 1.8-2.0 s instead of 2.3-2.4 s,
-  benchmarks/RESULTS.md). No library offers this for stacked (batched) MLPs on the CPU without a compiler
+  autograd, in less time (benchmarks/fit_speed.py: ~0.8x at Mueller-Brown's size, ~0.9x at alanine
+  dipeptide's). No library offers this for stacked (batched) MLPs on the CPU without a compiler
   whose start-up (tens of seconds) exceeds a whole fit.
 * Offset: a PMF is defined up to a constant; after fitting, the constant is chosen so that the ensemble
   mean is 0 kT at the lowest training label (the PMF minimum over the sampled region).
@@ -139,28 +139,26 @@ def _bootstrap_weights(n_models: int, m: int, kind: str, gen: torch.Generator) -
     return w / w.mean(dim=1, keepdim=True)
 
 
-def _squared_loss_and_grad(pred: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
-    """The weighted squared loss sum_models mean_labels w (pred - y)^2 of outputs pred [n_models, B] against
-    targets y [B] with weights w [n_models, B], and its gradient in pred, computed with the operations (and so
-    the roundings) of autograd's backward pass for that expression."""
-    r = pred - y
-    loss = (w * r ** 2).mean(dim=1).sum()
-    grad = torch.ones_like(loss).expand(pred.shape[0]).unsqueeze(1).expand(pred.shape) / pred.shape[1]  # sum, mean
-    return loss, (grad * w) * (2.0 * r.pow(1.0))                                                     # product, power
+def _squared_loss_grad(pred: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The gradient in pred of the weighted squared loss sum_models mean_labels w (pred - y)^2 of outputs pred
+    [n_models, B] against targets y [B] with weights w [n_models, B], computed with the operations (and so the
+    roundings) of autograd's backward pass for that expression."""
+    ones = torch.ones((), dtype=pred.dtype).expand(pred.shape[0])
+    grad = ones.unsqueeze(1).expand(pred.shape) / pred.shape[1]   # backward of sum, then of mean
+    return (grad * w) * (2.0 * (pred - y).pow(1.0))              # of the product, then of the power
 
 
-def _autograd_loss_and_grad(loss_of, pred: torch.Tensor):
-    """loss_of(pred) and its gradient in pred, by autograd (for losses without a written-out gradient)."""
+def _autograd_loss_grad(loss_of, pred: torch.Tensor) -> torch.Tensor:
+    """The gradient of loss_of(pred) in pred, by autograd (for losses without a written-out gradient)."""
     pred = pred.detach().requires_grad_()
     with torch.enable_grad():
-        loss = loss_of(pred)
-        (grad,) = torch.autograd.grad(loss, pred)
-    return loss.detach(), grad
+        (grad,) = torch.autograd.grad(loss_of(pred), pred)
+    return grad
 
 
 class _FlatStackedTraining:
     """The layers of a :class:`PMFEnsemble` as views of one flat parameter ``flat``, with a written-out backward
-    pass (see the module docstring). ``backward(x, loss_and_grad)`` fills ``flat.grad`` for features x [B, n_in];
+    pass (see the module docstring). ``backward(x, loss_grad)`` fills ``flat.grad`` for features x [B, n_in];
     ``write_back(ens)`` copies the trained values into the ensemble's own parameters."""
 
     def __init__(self, ens: PMFEnsemble):
@@ -176,10 +174,10 @@ class _FlatStackedTraining:
         self.weights, self.biases = values[0::2], values[1::2]
         self.weight_grads, self.bias_grads = grads[0::2], grads[1::2]
 
-    def backward(self, x: torch.Tensor, loss_and_grad) -> torch.Tensor:
+    def backward(self, x: torch.Tensor, loss_grad) -> None:
         """The gradient of a loss into ``flat.grad``, with the kernels autograd runs for ``PMFEnsemble.networks``.
-        ``loss_and_grad(pred)`` gives the loss of the networks' outputs pred [n_models, B] at features x [B, n_in]
-        and its gradient in pred. Returns the loss."""
+        ``loss_grad(pred)`` gives the loss's gradient in the networks' outputs pred [n_models, B] at features
+        x [B, n_in]."""
         n_layers = len(self.weights)
         with torch.no_grad():
             h = x.unsqueeze(0).expand(self.n_models, x.shape[0], x.shape[1])
@@ -189,8 +187,7 @@ class _FlatStackedTraining:
                 z = torch.baddbmm(self.biases[k], h, self.weights[k])
                 pre.append(z)
                 h = torch.nn.functional.silu(z) if k < n_layers - 1 else z
-            loss, g = loss_and_grad(h.squeeze(-1))
-            g = g.unsqueeze(-1)
+            g = loss_grad(h.squeeze(-1)).unsqueeze(-1)
             for k in range(n_layers - 1, -1, -1):
                 if k < n_layers - 1:
                     g = torch.ops.aten.silu_backward(g, pre[k])
@@ -198,7 +195,6 @@ class _FlatStackedTraining:
                 torch.bmm(inputs[k].transpose(1, 2), g, out=self.weight_grads[k])
                 if k > 0:
                     g = g.bmm(self.weights[k].transpose(1, 2))
-        return loss
 
     def write_back(self, ens: PMFEnsemble) -> None:
         with torch.no_grad():
@@ -304,9 +300,9 @@ def fit_ensemble(s, A, stderr=None, periodic: Optional[Sequence[bool]] = None,
                 def exp_loss(pred, yb=yb, wb=wb):
                     return (wb * _exp_linear((pred - yb) * y_scale, float(cfg.exp_cap_kT))).mean(dim=1).sum()
 
-                training.backward(feats[b], lambda pred: _autograd_loss_and_grad(exp_loss, pred))
+                training.backward(feats[b], lambda pred: _autograd_loss_grad(exp_loss, pred))
             else:
-                training.backward(feats[b], lambda pred: _squared_loss_and_grad(pred, yb, wb))
+                training.backward(feats[b], lambda pred: _squared_loss_grad(pred, yb, wb))
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             opt.step()
